@@ -1,0 +1,1 @@
+"""MedSyn: text-guided, anatomy-aware synthesis of 3D chest CT."""
