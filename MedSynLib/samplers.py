@@ -1,0 +1,110 @@
+"""Samplers that turn a denoiser into samples, independent of any network.
+
+One interface, whatever the algorithm: `set_timesteps(n)` lays out the times from t=1 to
+t=0, `step(x0, x_t, i)` moves x_t from times[i] to times[i+1] given the predicted x_0. The
+last step returns the prediction itself (t=0 means clean data). `denoise_loop` runs any
+sampler with any `x0_fn(x_t, t)`, so guidance, clipping and anatomy conditioning are
+plain functions wrapped around the network, never branches inside the sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .diffusion import NoiseSchedule
+
+
+class Sampler:
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+        self.times = torch.empty(0)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+
+    def step(self, x0: torch.Tensor, x_t: torch.Tensor, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _alpha_sigma(self, index: int) -> tuple[float, float]:
+        alpha, sigma = self.schedule.alpha_sigma(self.times[index : index + 1])
+        return alpha.item(), sigma.item()
+
+
+class DDIMSampler(Sampler):
+    """Deterministic DDIM (eta = 0): x_s = alpha_s x0 + sigma_s * (x_t - alpha_t x0) / sigma_t."""
+
+    def step(self, x0: torch.Tensor, x_t: torch.Tensor, index: int) -> torch.Tensor:
+        if index == len(self.times) - 2:
+            return x0
+        alpha_t, sigma_t = self._alpha_sigma(index)
+        alpha_s, sigma_s = self._alpha_sigma(index + 1)
+        eps = (x_t - alpha_t * x0) / sigma_t
+        return alpha_s * x0 + sigma_s * eps
+
+
+class DPMSolverPP2MSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver in data prediction.
+
+    With lambda = log(alpha / sigma) and h = lambda_s - lambda_t:
+    x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D, where D is x0 at the first step
+    and (1 + 1/2r) x0_i - (1/2r) x0_{i-1}, r = h_{i-1} / h_i, afterwards.
+    """
+
+    def set_timesteps(self, num_steps: int) -> None:
+        super().set_timesteps(num_steps)
+        self._previous: tuple[torch.Tensor, float] | None = None
+
+    def step(self, x0: torch.Tensor, x_t: torch.Tensor, index: int) -> torch.Tensor:
+        if index == len(self.times) - 2:
+            return x0
+        alpha_t, sigma_t = self._alpha_sigma(index)
+        alpha_s, sigma_s = self._alpha_sigma(index + 1)
+        h = float(torch.log(torch.tensor(alpha_s / sigma_s)) - torch.log(torch.tensor(alpha_t / sigma_t)))
+        derivative = x0
+        if self._previous is not None:
+            previous_x0, previous_h = self._previous
+            r = previous_h / h
+            derivative = (1 + 0.5 / r) * x0 - (0.5 / r) * previous_x0
+        self._previous = (x0, h)
+        return (sigma_s / sigma_t) * x_t - alpha_s * torch.expm1(torch.tensor(-h)).item() * derivative
+
+
+SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "dpm++2m": DPMSolverPP2MSampler}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    sampler = SAMPLERS[name](schedule)
+    sampler.set_timesteps(num_steps)
+    return sampler
+
+
+def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + w (cond - uncond), written so that w = 1 gives exactly the conditional output."""
+    return conditional + (scale - 1.0) * (conditional - unconditional)
+
+
+def denoise_loop(
+    x0_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_T: torch.Tensor,
+    sampler: Sampler,
+    *,
+    after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Integrate from t=1 to t=0. `after_step(x, i)` may edit x at times[i+1] (e.g. to impose anatomy)."""
+    x = x_T
+    steps = len(sampler.times) - 1
+    for index in range(steps):
+        t = sampler.times[index].float().expand(x.shape[0]).to(x.device)
+        x = sampler.step(x0_fn(x, t), x, index)
+        if after_step is not None:
+            x = after_step(x, index)
+        if progress is not None:
+            progress(index + 1, steps)
+    return x

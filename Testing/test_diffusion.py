@@ -1,0 +1,107 @@
+"""Schedules, prediction types, the training loss and the samplers, against closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from MedSynLib.diffusion import (
+    CosineSchedule,
+    DiffusionConfig,
+    LinearSchedule,
+    add_noise,
+    diffusion_loss,
+    prediction_to_x0,
+    training_target,
+)
+from MedSynLib.samplers import classifier_free_guidance, denoise_loop, make_sampler
+
+MEAN, STD = 0.5, 0.3  # the Gaussian "data" of the analytic tests
+
+
+def test_cosine_schedule_is_the_reference_formula():
+    schedule = CosineSchedule()
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    alpha, sigma = schedule.alpha_sigma(t)
+    expected = (torch.cos((t.double() + 0.008) / 1.008 * torch.pi / 2) ** 2).clamp(1e-4, 1 - 1e-4)
+    assert torch.allclose(alpha.double() ** 2, expected, atol=1e-6)
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones(4), atol=1e-6)
+    assert alpha[-1] ** 2 == pytest.approx(1e-4, rel=1e-3)
+
+
+@pytest.mark.parametrize("schedule", [CosineSchedule(), LinearSchedule()])
+def test_schedules_decrease_from_data_to_noise(schedule):
+    alpha, _ = schedule.alpha_sigma(torch.linspace(0, 1, 101))
+    assert (alpha[1:] <= alpha[:-1]).all() and (alpha[1:90] < alpha[:89]).all()
+    assert alpha[0] > 0.99 and alpha[-1] < 0.02
+
+
+@pytest.mark.parametrize("prediction_type", ["x0", "epsilon", "v"])
+def test_prediction_types_recover_x0(prediction_type):
+    schedule = CosineSchedule()
+    x0, noise, t = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0.1, 0.4, 0.7, 0.95])
+    x_t = add_noise(x0, noise, t, schedule)
+    target = training_target(x0, noise, t, schedule, prediction_type)
+    assert torch.allclose(prediction_to_x0(target, x_t, t, schedule, prediction_type), x0, atol=1e-3)
+
+
+def test_loss_is_zero_for_the_oracle_and_positive_otherwise():
+    schedule = CosineSchedule()
+    x0 = torch.randn(3, 2, 4, 4, 4)
+    assert diffusion_loss(lambda x_t, t: x0, x0, schedule, "x0") == 0
+    assert diffusion_loss(lambda x_t, t: torch.zeros_like(x_t), x0, schedule, "x0") > 0.5
+
+
+def test_config_validates_names():
+    with pytest.raises(ValueError, match="schedule"):
+        DiffusionConfig(schedule="sigmoid")
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionConfig(prediction_type="score")
+
+
+def gaussian_x0(schedule):
+    """The exact denoiser E[x0 | x_t] for data ~ N(MEAN, STD^2)."""
+
+    def x0_fn(x_t, t):
+        alpha, sigma = (v[:, None] for v in schedule.alpha_sigma(t))
+        return MEAN + alpha * STD**2 / (alpha**2 * STD**2 + sigma**2) * (x_t - alpha * MEAN)
+
+    return x0_fn
+
+
+def sample_gaussian(sampler_name, steps, schedule=None, n=100_000):
+    schedule = schedule or CosineSchedule()
+    x_T = torch.randn(n, 1, generator=torch.Generator().manual_seed(0))
+    return denoise_loop(gaussian_x0(schedule), x_T, make_sampler(sampler_name, schedule, steps))
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 50), ("dpm++2m", 20)])
+def test_samplers_reproduce_the_data_distribution(sampler, steps):
+    samples = sample_gaussian(sampler, steps)
+    assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
+    assert samples.std().item() == pytest.approx(STD, rel=0.06)
+
+
+def test_samplers_converge_and_the_second_order_one_faster():
+    def error(name, steps):
+        return abs(sample_gaussian(name, steps, n=20_000).std().item() - STD)
+
+    assert error("ddim", 200) < 0.5 * error("ddim", 25)
+    assert error("dpm++2m", 20) < error("ddim", 20)
+
+
+def test_classifier_free_guidance_scale_one_is_conditional_and_zero_unconditional():
+    conditional, unconditional = torch.randn(5), torch.randn(5)
+    assert torch.equal(classifier_free_guidance(conditional, unconditional, 1.0), conditional)
+    assert torch.allclose(classifier_free_guidance(conditional, unconditional, 0.0), unconditional, atol=1e-6)
+    guided = classifier_free_guidance(conditional, unconditional, 3.0)
+    assert torch.allclose(guided, unconditional + 3 * (conditional - unconditional))
+
+
+def test_denoise_loop_reports_progress_and_unknown_sampler_fails():
+    calls = []
+    denoise_loop(lambda x, t: x, torch.zeros(1, 1), make_sampler("ddim", CosineSchedule(), 3),
+                 progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(ValueError, match="sampler"):
+        make_sampler("euler", CosineSchedule(), 3)
