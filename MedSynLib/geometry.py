@@ -1,0 +1,69 @@
+"""Physical geometry of the model grid, and moving label maps and volumes onto and off it.
+
+Arrays are indexed (z, y, x) as SimpleITK's GetArrayFromImage gives them; spacing and
+origin are (x, y, z) in millimetres, LPS. The model grid is a cube of voxels; it gets a
+physical size either from the model (nominal spacing, centred at the origin) or from a
+given anatomy whose field of view it takes over, so outputs overlay that anatomy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    shape: tuple[int, int, int]  # (z, y, x) voxels
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = field(default=IDENTITY)
+
+    @classmethod
+    def centered(cls, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Geometry:
+        """A grid centred on the physical origin, as generated volumes have no patient position."""
+        size_xyz = shape[::-1]
+        origin = tuple(-(n - 1) / 2 * s for n, s in zip(size_xyz, spacing, strict=True))
+        return cls(tuple(shape), tuple(spacing), origin)
+
+    @classmethod
+    def of_image(cls, image: sitk.Image) -> Geometry:
+        return cls(tuple(image.GetSize()[::-1]), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def image(self, array: np.ndarray) -> sitk.Image:
+        """Wrap a (z, y, x) array with this geometry."""
+        if tuple(array.shape) != tuple(self.shape):
+            raise ValueError(f"array shape {array.shape} does not match the grid {self.shape}")
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def as_dict(self) -> dict:
+        return {"shape": list(self.shape), "spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
+
+
+def fitted_grid(reference: Geometry, size: int) -> Geometry:
+    """A size^3 grid covering the reference's field of view (same direction, voxel corners aligned)."""
+    extent = [n * s for n, s in zip(reference.shape[::-1], reference.spacing, strict=True)]
+    spacing = tuple(e / size for e in extent)
+    direction = np.array(reference.direction).reshape(3, 3)
+    # The first voxel's centre moves from half an old voxel to half a new voxel inside the corner.
+    corner = np.array(reference.origin) - direction @ (np.array(reference.spacing) / 2)
+    origin = tuple(corner + direction @ (np.array(spacing) / 2))
+    return Geometry((size, size, size), spacing, origin, reference.direction)
+
+
+def resample(array: np.ndarray, source: Geometry, target: Geometry, *, labels: bool) -> np.ndarray:
+    """Resample a (z, y, x) array between grids: nearest neighbour for labels, linear otherwise."""
+    image = source.image(array)
+    reference = target.image(np.zeros(target.shape, dtype=np.uint8))
+    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    default = 0 if labels else float(array.min())
+    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, default, image.GetPixelID())
+    return sitk.GetArrayFromImage(out)

@@ -1,0 +1,39 @@
+"""`python -m MedSynLib.init_model`: a model folder of a preset with random (untrained) weights.
+
+Lets the whole tool chain run before any trained model exists, and is the starting point
+of training. The folder's model_index.json says `"trained": false`, and `generate` warns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .anatomy import STRUCTURE_SETS
+from .errors import run_command
+from .presets import PRESETS, build_pipeline
+from .text_encoder import EMBEDDED_ENCODER, TextEncoderConfig, encoder_hidden_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MedSynLib.init_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--structures", default="lobes", help=f"one of {sorted(STRUCTURE_SETS)} or names joined by ','")
+    parser.add_argument("--channel-encoding", choices=["binary", "reference"], default="binary")
+    parser.add_argument("--text-encoder", default=EMBEDDED_ENCODER, help="hub id or folder of a Hugging Face encoder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    text_encoder = TextEncoderConfig(args.text_encoder)
+    pipeline = build_pipeline(
+        args.preset, structures=args.structures, channel_encoding=args.channel_encoding,
+        text_encoder=text_encoder, text_dim=encoder_hidden_size(text_encoder), seed=args.seed,
+    )
+    pipeline.save_pretrained(args.out)
+    print(f"wrote untrained {args.preset} model to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))

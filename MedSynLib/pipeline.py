@@ -1,0 +1,341 @@
+"""MedSynPipeline: radiology report -> 3D chest CT + anatomy, in two diffusion stages.
+
+A model is a folder (see `save_pretrained`):
+    model_index.json                 ModelConfig + library version
+    stage1/config.json, model.safetensors   text-conditioned 64^3 generator
+    stage2/config.json, model.safetensors   super-resolution to the output size
+    text_encoder/medsyn_text_encoder.json   which report encoder (and its settings)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .anatomy import masks_to_label_map
+from .channels import ChannelLayout, masks_to_numpy
+from .configuration import config_from_dict, config_to_dict, publish, read_json, write_json
+from .diffusion import DiffusionConfig, prediction_to_x0
+from .errors import MedSynError
+from .geometry import Geometry
+from .inferers import Tiling, apply_network
+from .networks import UNet3D, UNet3DConfig
+from .samplers import classifier_free_guidance, denoise_loop, make_sampler
+from .text_encoder import ReportEncoder, TextEncoderConfig, check_report
+
+__version__ = "0.1.0"
+MODEL_INDEX = "model_index.json"
+WEIGHTS = "model.safetensors"
+TEXT_ENCODER_CONFIG = "medsyn_text_encoder.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    network: UNet3DConfig
+    diffusion: DiffusionConfig
+    size: int  # the stage's cube side, in voxels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    structures: tuple[str, ...]
+    channel_encoding: str = "binary"
+    spacing_mm: tuple[float, float, float] = (1.25, 1.25, 1.25)  # nominal output voxel (x, y, z)
+    trained: bool = False
+    description: str = ""
+
+    @property
+    def layout(self) -> ChannelLayout:
+        return ChannelLayout(self.structures, self.channel_encoding)
+
+
+@dataclass
+class GenerationResult:
+    ct_hu: np.ndarray  # int16 (z, y, x)
+    masks: dict[str, np.ndarray]  # bool (z, y, x) per structure
+    geometry: Geometry
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def label_map(self) -> np.ndarray:
+        return masks_to_label_map(self.masks)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without it is an input error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise MedSynError(f"unknown device {device!r}; use auto, cpu or cuda") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MedSynError("CUDA was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _load_stage(folder: Path) -> tuple[StageConfig, UNet3D]:
+    config = config_from_dict(StageConfig, read_json(folder / "config.json"), source=str(folder / "config.json"))
+    network = UNet3D(config.network)
+    weights_path = folder / WEIGHTS
+    if not weights_path.is_file():
+        raise MedSynError(f"missing weights {weights_path}")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise MedSynError(f"cannot read {weights_path}: {error}") from error
+    missing, unexpected = network.state_dict().keys() - state.keys(), state.keys() - network.state_dict().keys()
+    mismatched = [k for k, v in network.state_dict().items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        details = [f"{len(missing)} missing (e.g. {sorted(missing)[:2]})" if missing else "",
+                   f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})" if unexpected else "",
+                   f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})" if mismatched else ""]
+        raise MedSynError(f"{weights_path} does not fit {folder / 'config.json'}: " + "; ".join(d for d in details if d))
+    network.load_state_dict(state)
+    return config, network.eval().requires_grad_(False)
+
+
+def _save_stage(folder: Path, config: StageConfig, network: UNet3D) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", config_to_dict(config))
+    tmp = folder / f".{WEIGHTS}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, tmp)
+    publish(tmp, folder / WEIGHTS)
+
+
+def nearest_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest-neighbour resize of (b, c, d, h, w) to size^3: the reference's x4 / x0.25."""
+    return F.interpolate(x, size=(size, size, size), mode="nearest")
+
+
+class MedSynPipeline:
+    """Two-stage text-to-CT generator; see the module docstring for the folder layout."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        stage1: tuple[StageConfig, UNet3D],
+        stage2: tuple[StageConfig, UNet3D],
+        text_encoder_config: TextEncoderConfig,
+        *,
+        source: str = "",
+    ):
+        self.config = config
+        self.stage1_config, self.stage1 = stage1
+        self.stage2_config, self.stage2 = stage2
+        self.text_encoder_config = text_encoder_config
+        self.source = source
+        self._text_encoder: ReportEncoder | None = None
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        channels = self.config.layout.num_channels
+        s1, s2 = self.stage1_config, self.stage2_config
+        if (s1.network.in_channels, s1.network.out_channels) != (channels, channels) or not s1.network.text_dim:
+            raise MedSynError(f"stage 1 must be a text-conditioned network with {channels} channels in and out")
+        if (s2.network.in_channels, s2.network.cond_channels, s2.network.out_channels) != (channels,) * 3:
+            raise MedSynError(f"stage 2 must take {channels} noisy + {channels} low-res channels and give {channels}")
+        if s2.size % s1.size:
+            raise MedSynError(f"stage-2 size {s2.size} must be a multiple of the stage-1 size {s1.size}")
+
+    # ----------------------------------------------------------------- folders
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> MedSynPipeline:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MedSynError(f"model folder {folder} does not exist")
+        index = read_json(folder / MODEL_INDEX)
+        if index.pop("_class_name", None) != cls.__name__:
+            raise MedSynError(f"{folder / MODEL_INDEX} does not describe a {cls.__name__}")
+        index.pop("medsyn_version", None)
+        config = config_from_dict(ModelConfig, index, source=str(folder / MODEL_INDEX))
+        text_config = config_from_dict(
+            TextEncoderConfig, read_json(folder / "text_encoder" / TEXT_ENCODER_CONFIG), source="text encoder config"
+        )
+        if text_config.model == ".":  # the encoder's files live in the model folder itself
+            text_config = replace(text_config, model=str(folder / "text_encoder"))
+        return cls(config, _load_stage(folder / "stage1"), _load_stage(folder / "stage2"), text_config, source=str(folder))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the model folder; each file is written to a temporary name and renamed."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _save_stage(folder / "stage1", self.stage1_config, self.stage1)
+        _save_stage(folder / "stage2", self.stage2_config, self.stage2)
+        (folder / "text_encoder").mkdir(exist_ok=True)
+        write_json(folder / "text_encoder" / TEXT_ENCODER_CONFIG, config_to_dict(self.text_encoder_config))
+        write_json(folder / MODEL_INDEX, {"_class_name": type(self).__name__, "medsyn_version": __version__,
+                                          **config_to_dict(self.config)})
+
+    @property
+    def text_encoder(self) -> ReportEncoder:
+        if self._text_encoder is None:
+            self._text_encoder = ReportEncoder(self.text_encoder_config)
+            if self._text_encoder.hidden_size != self.stage1_config.network.text_dim:
+                raise MedSynError(
+                    f"text encoder {self.text_encoder_config.model!r} gives {self._text_encoder.hidden_size}-d "
+                    f"features but stage 1 expects {self.stage1_config.network.text_dim}"
+                )
+        return self._text_encoder
+
+    # -------------------------------------------------------------- generation
+    def check_inputs(self, report: str, anatomy: dict[str, np.ndarray] | None) -> None:
+        check_report(report)
+        if anatomy is None:
+            return
+        size = self.stage2_config.size
+        missing = [n for n in self.config.structures if n not in anatomy]
+        if missing:
+            raise MedSynError(f"the given anatomy lacks {missing}; this model generates {list(self.config.structures)}")
+        for name in self.config.structures:
+            if anatomy[name].shape != (size,) * 3:
+                raise MedSynError(f"anatomy mask {name!r} has shape {anatomy[name].shape}; expected {(size,) * 3}")
+        if not any(anatomy[n].any() for n in self.config.structures):
+            raise MedSynError("the given anatomy is empty")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        report: str,
+        *,
+        seed: int = 0,
+        steps: int | None = None,
+        stage2_steps: int | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        anatomy: dict[str, np.ndarray] | None = None,
+        geometry: Geometry | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        tiling: Tiling | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Generate one CT and its anatomy.
+
+        anatomy: boolean masks on the output grid (stage-2 size cubed) that the result must keep.
+        geometry: physical grid of the output (default: the model's nominal spacing, centred).
+        """
+        # 1. Check inputs.
+        self.check_inputs(report, anatomy)
+        if dtype not in DTYPES:
+            raise MedSynError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        device = resolve_device(device)
+        self.stage1.to(device)
+        self.stage2.to(device)
+        guidance = self.stage1_config.diffusion.guidance_scale if guidance is None else guidance
+        steps = steps or self.stage1_config.diffusion.num_steps
+        stage2_steps = stage2_steps or self.stage2_config.diffusion.num_steps
+        layout, timings = self.config.layout, {}
+        generator = torch.Generator().manual_seed(seed)  # CPU noise: the same seed gives the same noise on any device
+
+        # 2. Encode the report: c = E(report), token features (1, 192, hidden).
+        start = time.perf_counter()
+        text = self.text_encoder.encode([report])
+        text_features, text_mask = text.features.to(device), text.mask.to(device)
+        timings["text_encoder_s"] = time.perf_counter() - start
+
+        # 3. Anatomy to impose, as model channels at both resolutions.
+        anatomy_high = anatomy_low = None
+        if anatomy is not None:
+            masks = {n: torch.from_numpy(np.asarray(anatomy[n], dtype=bool)) for n in self.config.structures}
+            anatomy_high = layout.encode_anatomy(masks).unsqueeze(0).to(device)
+            anatomy_low = nearest_resize(anatomy_high, self.stage1_config.size)
+
+        # 4. Stage 1: x_T ~ N(0, I) at 64^3 -> x_0 (CT + anatomy), text-guided.
+        start = time.perf_counter()
+        s1 = self.stage1_config
+        x_T = torch.randn((1, layout.num_channels) + (s1.size,) * 3, generator=generator).to(device)
+
+        def stage1_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if guidance == 1.0:
+                return self.stage1(x, t, text=text_features, text_mask=text_mask)
+            # One batch holds the conditional and the null-text pass: eps~ = eps_null + w (eps_c - eps_null).
+            doubled = self.stage1(
+                torch.cat([x, x]), torch.cat([t, t]), text=text_features.expand(2, -1, -1),
+                text_mask=text_mask.expand(2, -1), drop_text=torch.tensor([False, True], device=x.device),
+            )
+            conditional, unconditional = doubled.chunk(2)
+            return classifier_free_guidance(conditional, unconditional, guidance)
+
+        low = self._sample("stage1", stage1_output, x_T, s1, steps, sampler, anatomy_low, device, dtype, progress)
+        timings["stage1_s"] = time.perf_counter() - start
+
+        # 5. Stage 2: x_T at the output size, conditioned on the nearest-upsampled stage-1 volume.
+        start = time.perf_counter()
+        s2 = self.stage2_config
+        condition = nearest_resize(low.clamp(-1, 1), s2.size)
+        x_T = torch.randn((1, layout.num_channels) + (s2.size,) * 3, generator=generator).to(device)
+        channels = layout.num_channels
+
+        def stage2_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            def network(tile: torch.Tensor) -> torch.Tensor:
+                return self.stage2(tile[:, :channels], t, cond=tile[:, channels:])
+
+            return apply_network(network, torch.cat([x, condition], dim=1), tiling)
+
+        high = self._sample("stage2", stage2_output, x_T, s2, stage2_steps, sampler, anatomy_high, device, dtype, progress)
+        timings["stage2_s"] = time.perf_counter() - start
+
+        # 6. Decode: CT channel -> HU, anatomy channels -> masks.
+        ct_hu, masks = layout.decode(high[0].float().cpu())
+        geometry = geometry or Geometry.centered((s2.size,) * 3, self.config.spacing_mm)
+        metadata = {
+            "synthetic": True,
+            "report": report,
+            "seed": seed,
+            "steps": {"stage1": steps, "stage2": stage2_steps},
+            "guidance": guidance,
+            "sampler": sampler or s1.diffusion.sampler,
+            "anatomy_given": anatomy is not None,
+            "model": self.source,
+            "model_trained": self.config.trained,
+            "structures": list(self.config.structures),
+            "device": str(device),
+            "dtype": dtype,
+            "tiling": None if tiling is None else {"size": list(tiling.size), "overlap": tiling.overlap},
+            "timings": timings,
+        }
+        return GenerationResult(ct_hu.numpy(), masks_to_numpy(masks), geometry, metadata)
+
+    def _sample(self, stage, output_fn, x_T, config: StageConfig, steps, sampler_name, anatomy, device, dtype, progress):
+        """Run one stage's sampler; x0 is clipped and, if given, its anatomy channels are imposed."""
+        diffusion = config.diffusion
+        schedule = diffusion.make_schedule()
+        sampler = make_sampler(sampler_name or diffusion.sampler, schedule, steps)
+        autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+
+        def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with autocast:
+                output = output_fn(x, t)
+            x0 = prediction_to_x0(output.float(), x, t, schedule, diffusion.prediction_type)
+            if diffusion.clip_x0:
+                x0 = x0.clamp(-1, 1)
+            if anatomy is not None:
+                x0 = torch.cat([x0[:, :1], anatomy], dim=1)
+            return x0
+
+        def impose_anatomy(x: torch.Tensor, index: int) -> torch.Tensor:
+            # Replace the anatomy channels by a draw of q(x_s | anatomy), with the noise of x_T.
+            if index == steps - 1:
+                return x
+            alpha, sigma = schedule.alpha_sigma(sampler.times[index + 1 : index + 2])
+            return torch.cat([x[:, :1], alpha.item() * anatomy + sigma.item() * x_T[:, 1:]], dim=1)
+
+        def report_progress(step: int, total: int) -> None:
+            if progress is not None:
+                progress(stage, step, total)
+
+        return denoise_loop(
+            x0_fn, x_T, sampler, after_step=impose_anatomy if anatomy is not None else None, progress=report_progress
+        )

@@ -1,0 +1,94 @@
+"""Named model sizes: `paper` (the reference's), `small` (trainable on a CPU), `tiny` (tests).
+
+All presets build the same code; they differ only in widths, depths and grid sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .anatomy import STRUCTURE_SETS
+from .channels import ChannelLayout
+from .diffusion import DiffusionConfig
+from .errors import MedSynError
+from .networks import UNet3D, UNet3DConfig
+from .pipeline import MedSynPipeline, ModelConfig, StageConfig
+from .text_encoder import EMBEDDED_ENCODER, TextEncoderConfig
+
+# name: (stage-1 network kwargs, stage-1 size, stage-2 network kwargs, stage-2 size, stage-2 default steps)
+PRESETS: dict[str, dict] = {
+    "paper": {
+        "stage1": {"dim": 160, "dim_mults": (1, 2, 4, 8), "attn_heads": 8, "attn_head_dim": 32, "num_middle_blocks": 4},
+        "stage1_size": 64,
+        "stage2": {"dim": 56, "dim_mults": (1, 2, 4, 8), "attn_heads": 8, "attn_head_dim": 32, "num_middle_blocks": 1},
+        "stage2_size": 256,
+        "stage2_steps": 20,
+    },
+    "small": {
+        "stage1": {"dim": 32, "dim_mults": (1, 2, 4), "attn_heads": 4, "attn_head_dim": 32, "num_middle_blocks": 2},
+        "stage1_size": 64,
+        "stage2": {"dim": 16, "dim_mults": (1, 2, 4), "attn_heads": 2, "attn_head_dim": 16, "num_middle_blocks": 1},
+        "stage2_size": 128,
+        "stage2_steps": 10,
+    },
+    "tiny": {
+        "stage1": {"dim": 8, "dim_mults": (1, 2), "attn_heads": 2, "attn_head_dim": 8, "num_middle_blocks": 1,
+                   "init_kernel": 3},
+        "stage1_size": 16,
+        "stage2": {"dim": 8, "dim_mults": (1, 2), "attn_heads": 2, "attn_head_dim": 8, "num_middle_blocks": 1,
+                   "init_kernel": 3},
+        "stage2_size": 32,
+        "stage2_steps": 4,
+    },
+}
+
+
+def stage_configs(
+    preset: str, *, channels: int, text_dim: int, text_tokens: int = 192, stage1_steps: int | None = None
+) -> tuple[StageConfig, StageConfig]:
+    if preset not in PRESETS:
+        raise MedSynError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    stage1 = StageConfig(
+        UNet3DConfig(in_channels=channels, out_channels=channels, text_dim=text_dim, text_tokens=text_tokens,
+                     **spec["stage1"]),
+        DiffusionConfig(num_steps=stage1_steps or (50 if preset != "tiny" else 4), guidance_scale=1.0),
+        spec["stage1_size"],
+    )
+    stage2 = StageConfig(
+        UNet3DConfig(in_channels=channels, out_channels=channels, cond_channels=channels, **spec["stage2"]),
+        DiffusionConfig(num_steps=spec["stage2_steps"]),
+        spec["stage2_size"],
+    )
+    return stage1, stage2
+
+
+def build_pipeline(
+    preset: str,
+    *,
+    structures: str = "lobes",
+    channel_encoding: str = "binary",
+    text_encoder: TextEncoderConfig | None = None,
+    text_dim: int = 384,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> MedSynPipeline:
+    """A pipeline of the preset with freshly initialised (untrained) weights."""
+    text_encoder = text_encoder or TextEncoderConfig(EMBEDDED_ENCODER)
+    names = STRUCTURE_SETS[structures] if structures in STRUCTURE_SETS else tuple(structures.split(","))
+    try:
+        layout = ChannelLayout(tuple(names), channel_encoding)
+    except ValueError as error:
+        raise MedSynError(str(error)) from error
+    s1, s2 = stage_configs(preset, channels=layout.num_channels, text_dim=text_dim, text_tokens=text_encoder.max_tokens)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        networks = UNet3D(s1.network).eval(), UNet3D(s2.network).eval()
+    config = ModelConfig(
+        structures=layout.structures,
+        channel_encoding=channel_encoding,
+        spacing_mm=(320.0 / s2.size,) * 3,
+        trained=False,
+        description=f"untrained {preset} preset (random weights)",
+    )
+    return MedSynPipeline(config, (s1, networks[0]), (s2, networks[1]), text_encoder)
