@@ -49,11 +49,22 @@ class ChannelLayout:
     def num_channels(self) -> int:
         return 4 if self.encoding == "reference" else 1 + len(self.structures)
 
+    def channels_of(self, names: list[str] | tuple[str, ...]) -> list[int]:
+        """Indices (in the full model channels, CT = 0) that encode the given structures."""
+        if self.encoding == "binary":
+            return sorted(1 + self.structures.index(n) for n in names)
+        groups = {**{lobe: 1 for lobe in LOBES}, "airway": 2, "vessels": 3}
+        return sorted({groups[n] for n in names})
+
     def encode_anatomy(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Masks (each (..., D, H, W), bool) -> anatomy channels (..., C-1, D, H, W) in [-1, 1]."""
-        missing = [n for n in self.structures if n not in masks]
-        if missing:
-            raise ValueError(f"missing anatomy mask(s) {missing}")
+        """Masks (each (..., D, H, W), bool) -> anatomy channels (..., C-1, D, H, W) in [-1, 1].
+
+        Structures without a mask are encoded as absent.
+        """
+        if not masks:
+            raise ValueError("no anatomy masks to encode")
+        empty = torch.zeros_like(next(iter(masks.values())), dtype=torch.bool)
+        masks = {n: masks.get(n, empty) for n in self.structures}
         if self.encoding == "binary":
             return torch.stack([masks[n].float() * 2 - 1 for n in self.structures], dim=-4)
         lobe_label = sum(masks[name].float() * STRUCTURES[name].label for name in LOBES)

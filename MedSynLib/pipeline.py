@@ -195,13 +195,13 @@ class MedSynPipeline:
         if anatomy is None:
             return
         size = self.stage2_config.size
-        missing = [n for n in self.config.structures if n not in anatomy]
-        if missing:
-            raise MedSynError(f"the given anatomy lacks {missing}; this model generates {list(self.config.structures)}")
-        for name in self.config.structures:
-            if anatomy[name].shape != (size,) * 3:
-                raise MedSynError(f"anatomy mask {name!r} has shape {anatomy[name].shape}; expected {(size,) * 3}")
-        if not any(anatomy[n].any() for n in self.config.structures):
+        unknown = [n for n in anatomy if n not in self.config.structures]
+        if unknown:
+            raise MedSynError(f"this model does not generate {unknown}; it generates {list(self.config.structures)}")
+        for name, mask in anatomy.items():
+            if mask.shape != (size,) * 3:
+                raise MedSynError(f"anatomy mask {name!r} has shape {mask.shape}; expected {(size,) * 3}")
+        if not any(mask.any() for mask in anatomy.values()):
             raise MedSynError("the given anatomy is empty")
 
     @torch.no_grad()
@@ -223,7 +223,8 @@ class MedSynPipeline:
     ) -> GenerationResult:
         """Generate one CT and its anatomy.
 
-        anatomy: boolean masks on the output grid (stage-2 size cubed) that the result must keep.
+        anatomy: boolean masks on the output grid (stage-2 size cubed) that the result must keep;
+            structures left out (or empty) are generated freely.
         geometry: physical grid of the output (default: the model's nominal spacing, centred).
         """
         # 1. Check inputs.
@@ -248,9 +249,11 @@ class MedSynPipeline:
         # 3. Anatomy to impose, as model channels at both resolutions.
         anatomy_high = anatomy_low = None
         if anatomy is not None:
-            masks = {n: torch.from_numpy(np.asarray(anatomy[n], dtype=bool)) for n in self.config.structures}
-            anatomy_high = layout.encode_anatomy(masks).unsqueeze(0).to(device)
+            given = {n: torch.from_numpy(np.asarray(m, dtype=bool)) for n, m in anatomy.items() if m.any()}
+            imposed = layout.channels_of(tuple(given))
+            anatomy_high = layout.encode_anatomy(given).unsqueeze(0).to(device)
             anatomy_low = nearest_resize(anatomy_high, self.stage1_config.size)
+            anatomy_high, anatomy_low = ((imposed, a) for a in (anatomy_high, anatomy_low))
 
         # 4. Stage 1: x_T ~ N(0, I) at 64^3 -> x_0 (CT + anatomy), text-guided.
         start = time.perf_counter()
@@ -297,7 +300,7 @@ class MedSynPipeline:
             "steps": {"stage1": steps, "stage2": stage2_steps},
             "guidance": guidance,
             "sampler": sampler or s1.diffusion.sampler,
-            "anatomy_given": anatomy is not None,
+            "anatomy_given": sorted(n for n, m in (anatomy or {}).items() if m.any()),
             "model": self.source,
             "model_trained": self.config.trained,
             "structures": list(self.config.structures),
@@ -309,11 +312,19 @@ class MedSynPipeline:
         return GenerationResult(ct_hu.numpy(), masks_to_numpy(masks), geometry, metadata)
 
     def _sample(self, stage, output_fn, x_T, config: StageConfig, steps, sampler_name, anatomy, device, dtype, progress):
-        """Run one stage's sampler; x0 is clipped and, if given, its anatomy channels are imposed."""
+        """Run one stage's sampler; x0 is clipped and, if given, anatomy channels are imposed.
+
+        anatomy: None or (channel indices, their values as anatomy channels (1, C-1, D, H, W)).
+        """
         diffusion = config.diffusion
         schedule = diffusion.make_schedule()
         sampler = make_sampler(sampler_name or diffusion.sampler, schedule, steps)
         autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+        if anatomy is not None:
+            channels, values = anatomy
+            keep = torch.zeros(1, x_T.shape[1], 1, 1, 1, dtype=torch.bool, device=device)
+            keep[:, channels] = True
+            target = torch.cat([torch.zeros_like(values[:, :1]), values], dim=1)
 
         def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast:
@@ -321,16 +332,14 @@ class MedSynPipeline:
             x0 = prediction_to_x0(output.float(), x, t, schedule, diffusion.prediction_type)
             if diffusion.clip_x0:
                 x0 = x0.clamp(-1, 1)
-            if anatomy is not None:
-                x0 = torch.cat([x0[:, :1], anatomy], dim=1)
-            return x0
+            return x0 if anatomy is None else torch.where(keep, target, x0)
 
         def impose_anatomy(x: torch.Tensor, index: int) -> torch.Tensor:
-            # Replace the anatomy channels by a draw of q(x_s | anatomy), with the noise of x_T.
+            # Replace the given channels by a draw of q(x_s | anatomy) = N(alpha_s a, sigma_s^2), with x_T's noise.
             if index == steps - 1:
                 return x
             alpha, sigma = schedule.alpha_sigma(sampler.times[index + 1 : index + 2])
-            return torch.cat([x[:, :1], alpha.item() * anatomy + sigma.item() * x_T[:, 1:]], dim=1)
+            return torch.where(keep, alpha.item() * target + sigma.item() * x_T, x)
 
         def report_progress(step: int, total: int) -> None:
             if progress is not None:

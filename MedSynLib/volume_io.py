@@ -127,7 +127,10 @@ def software_versions() -> dict[str, str]:
 
 
 def read_anatomy(path: str | Path, structures: tuple[str, ...]) -> tuple[dict[str, np.ndarray], Geometry]:
-    """Masks of `structures` from a label map (NIfTI/NRRD/MHA with anatomy.py label values) or a .seg.nrrd."""
+    """Masks of the `structures` present in a label map (anatomy.py label values) or a .seg.nrrd.
+
+    Structures absent from the file are left out, so the model generates them freely.
+    """
     path = Path(path)
     if not path.is_file():
         raise MedSynError(f"anatomy file {path} does not exist")
@@ -142,11 +145,18 @@ def read_anatomy(path: str | Path, structures: tuple[str, ...]) -> tuple[dict[st
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(array, np.round(array)):
         raise MedSynError(f"anatomy file {path} holds non-integer values; expected a label map")
+    return _present_masks(array.astype(np.int64), structures, path), Geometry.of_image(image)
+
+
+def _present_masks(label_map: np.ndarray, structures: tuple[str, ...], path: Path) -> dict[str, np.ndarray]:
     try:
-        masks = label_map_to_masks(array.astype(np.int64), resolve_structures(structures))
+        masks = label_map_to_masks(label_map, resolve_structures(structures))
     except ValueError as error:
         raise MedSynError(f"anatomy file {path}: {error}") from error
-    return masks, Geometry.of_image(image)
+    present = {name: mask for name, mask in masks.items() if mask.any()}
+    if not present:
+        raise MedSynError(f"anatomy file {path} holds none of the model's structures {list(structures)}")
+    return present
 
 
 def _read_segmentation(path: Path, structures: tuple[str, ...]) -> tuple[dict[str, np.ndarray], Geometry]:
@@ -166,4 +176,4 @@ def _read_segmentation(path: Path, structures: tuple[str, ...]) -> tuple[dict[st
             label_map[slicerio.segment_mask(segmentation, segment).transpose(2, 1, 0)] = STRUCTURES[key].label
     if not label_map.any():
         raise MedSynError(f"segmentation {path} has no segment named like a MedSyn structure ({sorted(STRUCTURES)})")
-    return label_map_to_masks(label_map, resolve_structures(structures)), geometry
+    return _present_masks(label_map, structures, path), geometry

@@ -71,16 +71,26 @@ def test_anatomy_conditioning_keeps_the_given_masks_at_both_stages(tiny_pipeline
     conditioned = tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, anatomy=anatomy)
     for name, mask in anatomy.items():
         assert np.array_equal(conditioned.masks[name], mask), name
-    assert conditioned.metadata["anatomy_given"] is True
+    assert conditioned.metadata["anatomy_given"] == sorted(anatomy)
     # The CT is generated for that anatomy: it differs from the unconditioned one of the same seed.
     assert np.abs(conditioned.ct_hu.astype(float) - result.ct_hu).mean() > 1
+
+
+def test_partial_anatomy_imposes_only_the_given_structures(tiny_pipeline, result):
+    size = tiny_pipeline.stage2_config.size
+    airway = _blob_anatomy(["airway"], size, seed=1)
+    conditioned = tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, anatomy=airway)
+    assert np.array_equal(conditioned.masks["airway"], airway["airway"])
+    assert conditioned.metadata["anatomy_given"] == ["airway"]
+    free = [n for n in tiny_pipeline.config.structures if n != "airway"]
+    assert any(not np.array_equal(conditioned.masks[n], np.zeros_like(airway["airway"])) for n in free)
 
 
 def test_anatomy_inputs_are_checked(tiny_pipeline):
     size = tiny_pipeline.stage2_config.size
     anatomy = _blob_anatomy(tiny_pipeline.config.structures, size)
-    with pytest.raises(MedSynError, match="lacks"):
-        tiny_pipeline.generate(REPORT, anatomy={k: v for k, v in anatomy.items() if k != "airway"})
+    with pytest.raises(MedSynError, match="does not generate"):
+        tiny_pipeline.generate(REPORT, anatomy={"left_lung": anatomy["airway"]})
     with pytest.raises(MedSynError, match="shape"):
         tiny_pipeline.generate(REPORT, anatomy={k: v[:-1] for k, v in anatomy.items()})
     with pytest.raises(MedSynError, match="empty"):

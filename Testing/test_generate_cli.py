@@ -1,0 +1,166 @@
+"""`python -m MedSynLib.generate` end to end, its files, and every bad input it must refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from MedSynLib.anatomy import STRUCTURES
+from MedSynLib.errors import run_command
+from MedSynLib.generate import main
+
+REPORT = "Moderate right pleural effusion. Heart size is normal."
+
+
+def generate(*args):
+    return run_command(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def result_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "case"
+    assert generate("--model", tiny_model_dir, "--report", REPORT, "--out", out, "--seed", 5, "--progress", "none") == 0
+    return out
+
+
+def test_result_folder_holds_every_file_marked_synthetic(result_dir, tiny_pipeline):
+    assert sorted(p.name for p in result_dir.iterdir()) == [
+        "anatomy.nii.gz", "anatomy.seg.nrrd", "ct.nii.gz", "generation.json", "preview.png"]
+    ct = sitk.ReadImage(str(result_dir / "ct.nii.gz"))
+    assert ct.GetPixelID() == sitk.sitkInt16 and ct.GetSize() == (32, 32, 32)
+    assert ct.GetSpacing() == pytest.approx(tiny_pipeline.config.spacing_mm)
+    assert "SYNTHETIC" in ct.GetMetaData("descrip")
+    labels = sitk.ReadImage(str(result_dir / "anatomy.nii.gz"))
+    assert labels.GetOrigin() == pytest.approx(ct.GetOrigin()) and "SYNTHETIC" in labels.GetMetaData("descrip")
+    assert set(np.unique(sitk.GetArrayFromImage(labels))) <= {0} | {s.label for s in STRUCTURES.values()}
+    metadata = json.loads((result_dir / "generation.json").read_text())
+    assert metadata["synthetic"] is True and metadata["report"] == REPORT and metadata["seed"] == 5
+    assert metadata["steps"] == {"stage1": 4, "stage2": 4} and metadata["versions"]["medsyn"]
+    assert set(metadata["timings"]) == {"text_encoder_s", "stage1_s", "stage2_s"}
+
+
+def test_segmentation_round_trips_through_slicerio(result_dir, tiny_pipeline):
+    segmentation = slicerio.read_segmentation(str(result_dir / "anatomy.seg.nrrd"))
+    by_id = {s["id"]: s for s in segmentation["segments"]}
+    assert list(by_id) == list(tiny_pipeline.config.structures)
+    for name, segment in by_id.items():
+        structure = STRUCTURES[name]
+        assert segment["name"] == structure.display_name
+        assert segment["color"] == pytest.approx(structure.color, abs=1e-4)
+        assert segment["terminology"]["type"] == list(structure.snomed_type)
+    ct = sitk.ReadImage(str(result_dir / "ct.nii.gz"))
+    assert np.asarray(segmentation["ijkToLPS"])[:3, 3] == pytest.approx(ct.GetOrigin())
+    # Voxels agree with the label map (structures drawn over each other in the same priority).
+    label_map = sitk.GetArrayFromImage(sitk.ReadImage(str(result_dir / "anatomy.nii.gz")))
+    airway = slicerio.segment_mask(segmentation, by_id["airway"]).transpose(2, 1, 0)
+    assert np.array_equal(airway & (label_map != STRUCTURES["vessels"].label), label_map == STRUCTURES["airway"].label)
+
+
+def test_anatomy_file_conditions_the_result_on_its_grid(result_dir, tmp_path, tiny_model_dir):
+    # Use a previous result's label map, on a coarser grid of its own: it must come back on that grid.
+    labels = sitk.ReadImage(str(result_dir / "anatomy.nii.gz"))
+    coarse = sitk.Resample(labels, [24, 24, 24], sitk.Transform(), sitk.sitkNearestNeighbor, labels.GetOrigin(),
+                           [s * 32 / 24 for s in labels.GetSpacing()], labels.GetDirection(), 0, labels.GetPixelID())
+    sitk.WriteImage(coarse, str(tmp_path / "given.nrrd"))
+    out = tmp_path / "conditioned"
+    assert generate("--model", tiny_model_dir, "--report", REPORT, "--out", out, "--anatomy", tmp_path / "given.nrrd",
+                    "--progress", "none") == 0
+    result = sitk.ReadImage(str(out / "anatomy.nii.gz"))
+    assert result.GetSize() == (24, 24, 24) and result.GetSpacing() == pytest.approx(coarse.GetSpacing())
+    given, got = sitk.GetArrayFromImage(coarse), sitk.GetArrayFromImage(result)
+    assert (given == got).mean() > 0.97  # equal up to the round trip through the 32^3 model grid
+
+
+def test_jsonl_progress_is_machine_readable(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "jsonl"
+    assert generate("--model", tiny_model_dir, "--report", REPORT, "--out", out, "--progress", "jsonl",
+                    "--steps", 2, "--tile", "16:0.5") == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in progress if e["stage"] == "stage1"] == [1, 2]
+    assert [e["step"] for e in progress if e["stage"] == "stage2"] == [1, 2, 3, 4]
+    assert any("UNTRAINED" in e.get("message", "") for e in events)
+    assert events[-1] == {"event": "done", "out": str(out)}
+    assert json.loads((out / "generation.json").read_text())["tiling"] == {"size": [16, -1, -1], "overlap": 0.5}
+
+
+def _bad_report_file(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Épanchement pleural".encode("latin-1"))
+    return path
+
+
+def _corrupt_model(tiny_model_dir, tmp_path):
+    broken = tmp_path / "corrupt_model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "stage1" / "model.safetensors").write_bytes(b"garbage")
+    return broken
+
+
+def _label_map(tmp_path, array, name="labels.nii.gz"):
+    path = tmp_path / name
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
+BAD_INPUTS = {
+    "missing model": (lambda d, t: ["--model", t / "nowhere"], "does not exist"),
+    "corrupt weights": (lambda d, t: ["--model", _corrupt_model(d, t)], "cannot read"),
+    "empty report": (lambda d, t: ["--model", d, "--report", "  "], "empty"),
+    "non-UTF-8 report": (lambda d, t: ["--model", d, "--report-file", _bad_report_file(t)], "not UTF-8"),
+    "missing report file": (lambda d, t: ["--model", d, "--report-file", t / "none.txt"], "does not exist"),
+    "anatomy with unknown labels": (
+        lambda d, t: ["--model", d, "--anatomy", _label_map(t, np.full((8, 8, 8), 77, np.uint8))], "name no structure"),
+    "2D anatomy": (lambda d, t: ["--model", d, "--anatomy", _label_map(t, np.ones((8, 8), np.uint8), "a.nrrd")], "3D"),
+    "anatomy without structures": (
+        lambda d, t: ["--model", d, "--anatomy", _label_map(t, np.zeros((8, 8, 8), np.uint8))], "none of the model"),
+    "CUDA absent": (lambda d, t: ["--model", d, "--device", "cuda"], "CUDA"),
+    "bad tile": (lambda d, t: ["--model", d, "--tile", "abc"], "tile"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_exit_2_and_no_output(case, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    make_args, message = BAD_INPUTS[case]
+    args = make_args(tiny_model_dir, tmp_path)
+    if "--report" not in args and "--report-file" not in args:
+        args += ["--report", REPORT]
+    out = tmp_path / "out"
+    assert generate(*args, "--out", out, "--progress", "none") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if line.startswith("medsyn: error:")]) == 1
+    assert any(__import__("re").search(message, line) for line in err), err
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temporary leftovers
+
+
+def test_non_empty_or_unwritable_output_is_refused(tiny_model_dir, tmp_path, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert generate("--model", tiny_model_dir, "--report", REPORT, "--out", occupied) == 2
+    assert (occupied / "keep.txt").read_text() == "mine"
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert generate("--model", tiny_model_dir, "--report", REPORT, "--out", locked / "x") == 2
+    assert generate("--model", tiny_model_dir, "--report", REPORT, "--out", "/proc/medsyn-out") == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_module_runs_as_a_command_and_reports_errors_without_traceback(tiny_model_dir, tmp_path):
+    command = [sys.executable, "-m", "MedSynLib.generate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")]
+    done = subprocess.run(command + ["--report", ""], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "medsyn: error: the report is empty"
