@@ -260,18 +260,8 @@ class MedSynPipeline:
         s1 = self.stage1_config
         x_T = torch.randn((1, layout.num_channels) + (s1.size,) * 3, generator=generator).to(device)
 
-        def stage1_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if guidance == 1.0:
-                return self.stage1(x, t, text=text_features, text_mask=text_mask)
-            # One batch holds the conditional and the null-text pass: eps~ = eps_null + w (eps_c - eps_null).
-            doubled = self.stage1(
-                torch.cat([x, x]), torch.cat([t, t]), text=text_features.expand(2, -1, -1),
-                text_mask=text_mask.expand(2, -1), drop_text=torch.tensor([False, True], device=x.device),
-            )
-            conditional, unconditional = doubled.chunk(2)
-            return classifier_free_guidance(conditional, unconditional, guidance)
-
-        low = self._sample("stage1", stage1_output, x_T, s1, steps, sampler, anatomy_low, device, dtype, progress)
+        stage1_output = text_guided_output(self.stage1, text_features, text_mask, guidance)
+        low = run_sampler("stage1", stage1_output, x_T, s1, steps, sampler, anatomy_low, dtype, progress)
         timings["stage1_s"] = time.perf_counter() - start
 
         # 5. Stage 2: x_T at the output size, conditioned on the nearest-upsampled stage-1 volume.
@@ -279,15 +269,8 @@ class MedSynPipeline:
         s2 = self.stage2_config
         condition = nearest_resize(low.clamp(-1, 1), s2.size)
         x_T = torch.randn((1, layout.num_channels) + (s2.size,) * 3, generator=generator).to(device)
-        channels = layout.num_channels
-
-        def stage2_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            def network(tile: torch.Tensor) -> torch.Tensor:
-                return self.stage2(tile[:, :channels], t, cond=tile[:, channels:])
-
-            return apply_network(network, torch.cat([x, condition], dim=1), tiling)
-
-        high = self._sample("stage2", stage2_output, x_T, s2, stage2_steps, sampler, anatomy_high, device, dtype, progress)
+        stage2_output = super_resolution_output(self.stage2, condition, tiling)
+        high = run_sampler("stage2", stage2_output, x_T, s2, stage2_steps, sampler, anatomy_high, dtype, progress)
         timings["stage2_s"] = time.perf_counter() - start
 
         # 6. Decode: CT channel -> HU, anatomy channels -> masks.
@@ -311,40 +294,82 @@ class MedSynPipeline:
         }
         return GenerationResult(ct_hu.numpy(), masks_to_numpy(masks), geometry, metadata)
 
-    def _sample(self, stage, output_fn, x_T, config: StageConfig, steps, sampler_name, anatomy, device, dtype, progress):
-        """Run one stage's sampler; x0 is clipped and, if given, anatomy channels are imposed.
 
-        anatomy: None or (channel indices, their values as anatomy channels (1, C-1, D, H, W)).
-        """
-        diffusion = config.diffusion
-        schedule = diffusion.make_schedule()
-        sampler = make_sampler(sampler_name or diffusion.sampler, schedule, steps)
-        autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
-        if anatomy is not None:
-            channels, values = anatomy
-            keep = torch.zeros(1, x_T.shape[1], 1, 1, 1, dtype=torch.bool, device=device)
-            keep[:, channels] = True
-            target = torch.cat([torch.zeros_like(values[:, :1]), values], dim=1)
 
-        def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with autocast:
-                output = output_fn(x, t)
-            x0 = prediction_to_x0(output.float(), x, t, schedule, diffusion.prediction_type)
-            if diffusion.clip_x0:
-                x0 = x0.clamp(-1, 1)
-            return x0 if anatomy is None else torch.where(keep, target, x0)
+def text_guided_output(network: UNet3D, text: torch.Tensor, text_mask: torch.Tensor, guidance: float):
+    """Stage-1 network output with classifier-free guidance: out_null + w (out_text - out_null)."""
 
-        def impose_anatomy(x: torch.Tensor, index: int) -> torch.Tensor:
-            # Replace the given channels by a draw of q(x_s | anatomy) = N(alpha_s a, sigma_s^2), with x_T's noise.
-            if index == steps - 1:
-                return x
-            alpha, sigma = schedule.alpha_sigma(sampler.times[index + 1 : index + 2])
-            return torch.where(keep, alpha.item() * target + sigma.item() * x_T, x)
-
-        def report_progress(step: int, total: int) -> None:
-            if progress is not None:
-                progress(stage, step, total)
-
-        return denoise_loop(
-            x0_fn, x_T, sampler, after_step=impose_anatomy if anatomy is not None else None, progress=report_progress
+    def output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guidance == 1.0:
+            return network(x, t, text=text, text_mask=text_mask)
+        # One batch holds the conditional and the null-text pass.
+        doubled = network(
+            torch.cat([x, x]), torch.cat([t, t]), text=text.expand(2, -1, -1), text_mask=text_mask.expand(2, -1),
+            drop_text=torch.tensor([False, True], device=x.device),
         )
+        conditional, unconditional = doubled.chunk(2)
+        return classifier_free_guidance(conditional, unconditional, guidance)
+
+    return output
+
+
+def super_resolution_output(network: UNet3D, condition: torch.Tensor, tiling: Tiling | None):
+    """Stage-2 network output given the upsampled low-res volume, whole or tile by tile."""
+    channels = condition.shape[1]
+
+    def output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def tile_output(tile: torch.Tensor) -> torch.Tensor:
+            return network(tile[:, :channels], t, cond=tile[:, channels:])
+
+        return apply_network(tile_output, torch.cat([x, condition], dim=1), tiling)
+
+    return output
+
+
+def run_sampler(
+    stage: str,
+    output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_T: torch.Tensor,
+    config: StageConfig,
+    steps: int,
+    sampler_name: str | None = None,
+    anatomy: tuple[list[int], torch.Tensor] | None = None,
+    dtype: str = "float32",
+    progress: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Run one stage's sampler; x0 is clipped and, if given, anatomy channels are imposed.
+
+    anatomy: None or (channel indices, their values as anatomy channels (1, C-1, D, H, W)).
+    """
+    diffusion = config.diffusion
+    schedule = diffusion.make_schedule()
+    sampler = make_sampler(sampler_name or diffusion.sampler, schedule, steps)
+    autocast = torch.autocast(x_T.device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+    if anatomy is not None:
+        channels, values = anatomy
+        keep = torch.zeros(1, x_T.shape[1], 1, 1, 1, dtype=torch.bool, device=x_T.device)
+        keep[:, channels] = True
+        target = torch.cat([torch.zeros_like(values[:, :1]), values], dim=1)
+
+    def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            output = output_fn(x, t)
+        x0 = prediction_to_x0(output.float(), x, t, schedule, diffusion.prediction_type)
+        if diffusion.clip_x0:
+            x0 = x0.clamp(-1, 1)
+        return x0 if anatomy is None else torch.where(keep, target, x0)
+
+    def impose_anatomy(x: torch.Tensor, index: int) -> torch.Tensor:
+        # Replace the given channels by a draw of q(x_s | anatomy) = N(alpha_s a, sigma_s^2), with x_T's noise.
+        if index == steps - 1:
+            return x
+        alpha, sigma = schedule.alpha_sigma(sampler.times[index + 1 : index + 2])
+        return torch.where(keep, alpha.item() * target + sigma.item() * x_T, x)
+
+    def report_progress(step: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, step, total)
+
+    return denoise_loop(
+        x0_fn, x_T, sampler, after_step=impose_anatomy if anatomy is not None else None, progress=report_progress
+    )

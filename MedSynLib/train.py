@@ -1,0 +1,501 @@
+"""`python -m MedSynLib.train`: train either MedSyn stage on a prepared dataset, one GPU to many.
+
+    python -m MedSynLib.train stage1 --data prepared/ --out runs/s1 [--config cfg.yaml] [key=value ...] [--resume]
+    torchrun --nproc_per_node 4 -m MedSynLib.train stage2 --data prepared/ --out runs/s2
+    python -m MedSynLib.train export --run runs/s1 --run runs/s2 --out models/mine
+
+The recipe follows the reference (AdamW 1e-4, weight decay 0.01, batch 1 x accumulation 4,
+gradient clipping 1.0, EMA 0.999 from step 10k, text dropped with p = 0.1, x0 objective).
+Every sample is a function of (seed, sample number), so `--resume` continues exactly and
+N processes with batch b train exactly like one process with batch N*b. Checkpoints
+(safetensors + JSON) are written to a temporary folder, fsynced and renamed; the last K
+are kept and an unreadable one is skipped for the one before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .channels import ChannelLayout
+from .configuration import config_from_dict, config_to_dict, publish, read_json, write_json
+from .data import PreparedDataset
+from .diffusion import training_target
+from .errors import MedSynError, run_command
+from .networks import UNet3D
+from .pipeline import (
+    MedSynPipeline,
+    ModelConfig,
+    StageConfig,
+    resolve_device,
+    run_sampler,
+    super_resolution_output,
+    text_guided_output,
+)
+from .presets import stage_configs
+from .text_encoder import ReportEncoder, TextEncoderConfig
+from .training_data import Augmentation, DiffusionSamples, StreamSampler
+from .volume_io import preview_image
+
+STAGES = ("stage1", "stage2")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a run; files and key=value overrides may set any of them."""
+
+    preset: str = "small"
+    network: dict | None = None  # overrides of the preset's network config, e.g. {"dim": 48}
+    steps: int = 10_000
+    batch_size: int = 1  # per process
+    grad_accumulation: int = 4
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    lr_decay: str = "constant"  # or "cosine" (to 10 % at the last step)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_start: int = 10_000
+    cfg_drop: float = 0.1
+    prediction_type: str = "x0"
+    schedule: str = "cosine"
+    mixed_precision: str = "no"  # "bf16" or "fp16" (with a gradient scaler)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = 2
+    patch: tuple[int, int, int] = (64, 72, 72)  # stage 2: slices x height x width
+    lowres_noise_max: float = 0.4
+    augment: bool = True
+    zoom: tuple[float, float] = (0.9, 1.1)
+    rotate_degrees: float = 10.0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 1000  # 0: no previews
+    sample_steps: int = 20
+    validation_report: str = ""  # empty: the report of the dataset's first case
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be constant or cosine, got {self.lr_decay!r}")
+        if min(self.steps, self.batch_size, self.grad_accumulation, self.checkpoint_every, self.keep_checkpoints) < 1:
+            raise ValueError("steps, batch_size, grad_accumulation, checkpoint_every and keep_checkpoints must be >= 1")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to 10 %."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    if config.lr_decay == "constant":
+        return config.learning_rate
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ----------------------------------------------------------------------------- configuration
+def parse_overrides(pairs: list[str]) -> dict:
+    """key=value pairs; values are read as JSON when they parse (numbers, lists, true), else as text."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MedSynError(f"cannot read override {pair!r}; use key=value")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def load_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise MedSynError(f"config file {path} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as error:
+            raise MedSynError("YAML configs need PyYAML (pip install pyyaml); or use JSON") from error
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise MedSynError(f"{path} must hold a mapping of settings")
+        return data
+    return read_json(path)
+
+
+def resolve_config(config_file: Path | None, overrides: list[str]) -> TrainConfig:
+    values = load_config_file(config_file) if config_file else {}
+    values.update(parse_overrides(overrides))
+    return config_from_dict(TrainConfig, values, source=str(config_file or "overrides"))
+
+
+def stage_config(stage: str, config: TrainConfig, dataset: PreparedDataset, text_dim: int) -> StageConfig:
+    """The network + diffusion config of the stage, from the preset and the dataset."""
+    layout = ChannelLayout(dataset.structures)
+    s1, s2 = stage_configs(config.preset, channels=layout.num_channels, text_dim=text_dim,
+                           text_tokens=int(dataset.index.get("text_tokens", 192)))
+    chosen = s1 if stage == "stage1" else s2
+    network = replace(chosen.network, **(config.network or {}))
+    diffusion = replace(chosen.diffusion, schedule=config.schedule, prediction_type=config.prediction_type)
+    size = dataset.low_size if stage == "stage1" else dataset.size
+    return StageConfig(network, diffusion, size)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars["state"].setdefault(str(index), {})[name] = value
+    return tensors, scalars
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    state: dict[int, dict] = {int(k): dict(v) for k, v in scalars["state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def save_checkpoint(run: Path, step: int, model: UNet3D, ema: UNet3D, optimizer, scaler, keep: int) -> Path:
+    """Write checkpoints/step_N atomically (temporary folder, fsync, rename) and keep the last `keep`."""
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step_{step:08d}"
+    tmp = folder / f".step_{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    optimizer_tensors, optimizer_scalars = _flatten_optimizer(optimizer.state_dict())
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({
+        "step": step, "samples_seen_by_step": step, "optimizer": optimizer_scalars,
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+    }))
+    for path in tmp.iterdir():
+        with open(path, "rb") as file:
+            os.fsync(file.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    publish(tmp, final)
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    for old in sorted(folder.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path, model: UNet3D, ema: UNet3D, optimizer, scaler) -> int:
+    """Load the newest readable checkpoint; return its step (0 when there is none)."""
+    candidates = sorted((run / "checkpoints").glob("step_*"), reverse=True)
+    for folder in candidates:
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            model.load_state_dict(load_file(folder / "model.safetensors"))
+            ema.load_state_dict(load_file(folder / "ema.safetensors"))
+            optimizer.load_state_dict(_unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
+            if state["scaler"] is not None:
+                scaler.load_state_dict(state["scaler"])
+            return int(state["step"])
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, json.JSONDecodeError) as error:
+            print(f"medsyn: warning: checkpoint {folder} is unreadable ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:200]}); trying the previous one", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- training
+class Logger:
+    """metrics.jsonl always; TensorBoard scalars too when tensorboard is installed. Rank 0 only."""
+
+    def __init__(self, run: Path, enabled: bool):
+        self.enabled, self.path, self.writer = enabled, run / "metrics.jsonl", None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run / "tensorboard"))
+            except ImportError:
+                print("medsyn: note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def image(self, step: int, tag: str, image) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun: NCCL on GPUs, Gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(device_name)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+@torch.no_grad()
+def update_ema(ema: UNet3D, model: UNet3D, decay: float) -> None:
+    for ema_value, value in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        if ema_value.dtype.is_floating_point:
+            ema_value.lerp_(value, 1 - decay)
+        else:
+            ema_value.copy_(value)
+
+
+@torch.no_grad()
+def preview(stage: str, ema: UNet3D, stage_cfg: StageConfig, dataset: PreparedDataset, text, config: TrainConfig,
+            device: torch.device):
+    """A sample from the fixed validation report (stage 1) or validation case (stage 2), as a PNG."""
+    layout = ChannelLayout(dataset.structures)
+    ema.eval()
+    generator = torch.Generator().manual_seed(config.seed)
+    if stage == "stage1":
+        x_T = torch.randn((1, layout.num_channels) + (stage_cfg.size,) * 3, generator=generator).to(device)
+        output = text_guided_output(ema, text[0].to(device), text[1].to(device), 1.0)
+    else:
+        case = dataset.load(0)
+        low = layout.encode(torch.from_numpy(case.ct_hu_low), {n: torch.from_numpy(m) for n, m in case.masks_low.items()})
+        condition = F.interpolate(low[None], size=(stage_cfg.size,) * 3, mode="nearest").to(device)
+        x_T = torch.randn(condition.shape, generator=generator).to(device)
+        output = super_resolution_output(ema, condition, None)
+    sample = run_sampler(stage, output, x_T, stage_cfg, config.sample_steps)
+    ct, masks = layout.decode(sample[0].float().cpu())
+    return preview_image(ct.numpy(), {n: m.numpy() for n, m in masks.items()})
+
+
+def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: bool) -> Path:
+    rank, world, device = setup_distributed(config.device)
+    is_main = rank == 0
+    dataset = PreparedDataset(data)
+    text_dim = int(dataset.index["text_hidden"])
+    stage_cfg = stage_config(stage, config, dataset, text_dim)
+    layout = ChannelLayout(dataset.structures)
+    if stage == "stage2" and any(p > dataset.size for p in config.patch):
+        raise MedSynError(f"patch {config.patch} is larger than the dataset's volumes ({dataset.size}^3)")
+    run.mkdir(parents=True, exist_ok=True)
+    saved = run / "run.json"
+    if saved.is_file():
+        previous = read_json(saved)
+        if previous.get("stage") != stage:
+            raise MedSynError(f"{run} holds a {previous.get('stage')} run, not {stage}")
+        if not resume:
+            raise MedSynError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
+        if previous["stage_config"] != json.loads(json.dumps(config_to_dict(stage_cfg))):
+            raise MedSynError(f"the network or data of {run} differ from this command's; cannot resume")
+    if is_main:
+        write_json(saved, {"stage": stage, "data": str(data.resolve()), "train": config_to_dict(config),
+                           "stage_config": config_to_dict(stage_cfg), "world_size": world})
+
+    # Model, EMA copy, optimizer, gradient scaler: set once, up front.
+    torch.manual_seed(config.seed)
+    model = UNet3D(stage_cfg.network).to(device)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    ema = UNet3D(stage_cfg.network).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
+    start = latest_checkpoint(run, model, ema, optimizer, scaler) if resume else 0
+    if start >= config.steps:
+        if is_main:
+            print(f"{run} is already at step {start} of {config.steps}", file=sys.stderr)
+        return run
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if config.compile:
+        train_model = torch.compile(train_model)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    samples = DiffusionSamples(
+        dataset, stage=stage, layout=layout, schedule=stage_cfg.diffusion.make_schedule(), seed=config.seed,
+        cfg_drop=config.cfg_drop, patch=config.patch, lowres_noise_max=config.lowres_noise_max,
+        augmentation=Augmentation(config.zoom, config.rotate_degrees) if config.augment else None,
+    )
+    sampler = StreamSampler(start_step=start, accumulation=config.grad_accumulation, world=world, rank=rank,
+                            batch=config.batch_size)
+    loader = torch.utils.data.DataLoader(samples, batch_size=config.batch_size, sampler=sampler,
+                                         num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
+                                         pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    logger = Logger(run, is_main)
+    validation_text = None
+    if is_main and config.sample_every and stage == "stage1":
+        if config.validation_report:
+            encoder = ReportEncoder(config_from_dict(TextEncoderConfig, dataset.index["text_encoder"]))
+            features = encoder.encode([config.validation_report])
+            validation_text = (features.features, features.mask)
+        else:
+            case = dataset.load(0, low_only=True)
+            validation_text = (torch.from_numpy(case.text_features.astype(np.float32))[None],
+                               torch.from_numpy(case.text_mask)[None])
+
+    bar = tqdm(total=config.steps, initial=start, desc=stage, unit="step", disable=not is_main)
+    last_saved, window_start = start, time.perf_counter()
+    step = start
+    for step in range(start, config.steps):
+        lr = learning_rate(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        total_loss = 0.0
+        for micro in range(config.grad_accumulation):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            sync = micro == config.grad_accumulation - 1 or world == 1
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
+                output = train_model(batch["x_t"], batch["t"], text=batch["text"] if stage == "stage1" else None,
+                                     text_mask=batch["text_mask"] if stage == "stage1" else None,
+                                     drop_text=batch["drop_text"] if stage == "stage1" else None,
+                                     cond=batch.get("cond"))
+                target = training_target(batch["x0"], batch["noise"], batch["t"], samples.schedule,
+                                         stage_cfg.diffusion.prediction_type)
+                loss = F.mse_loss(output.float(), target.float()) / config.grad_accumulation
+            scaler.scale(loss).backward()
+            total_loss += loss.item()
+        if not math.isfinite(total_loss):
+            raise MedSynError(f"the loss became {total_loss} at step {step}; training stopped. "
+                              f"The last good checkpoint is step {last_saved} in {run / 'checkpoints'}")
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, config.ema_decay if step + 1 >= config.ema_start else 0.0)
+
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.1e}")
+        if is_main and (done % config.log_every == 0 or done == config.steps):
+            elapsed = time.perf_counter() - window_start
+            samples_per_s = config.log_every * config.grad_accumulation * config.batch_size * world / max(elapsed, 1e-9)
+            logger.scalars(done, {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s})
+            window_start = time.perf_counter()
+        if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
+            image = preview(stage, ema, stage_cfg, dataset, validation_text, config, device)
+            (run / "previews").mkdir(exist_ok=True)
+            image.save(run / "previews" / f"step_{done:08d}.png")
+            logger.image(done, "preview", image)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            if is_main:
+                save_checkpoint(run, done, model, ema, optimizer, scaler, config.keep_checkpoints)
+            last_saved = done
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    logger.close()
+    if world > 1:
+        check_replicas(model, run, is_main)
+        dist.destroy_process_group()
+    return run
+
+
+def check_replicas(model: UNet3D, run: Path, is_main: bool) -> None:
+    """Gather a hash of every process's parameters into replicas.json: they must all be equal."""
+    digest = hashlib.sha256()
+    for value in model.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    checksums = [None] * dist.get_world_size()
+    dist.all_gather_object(checksums, digest.hexdigest())
+    if is_main:
+        write_json(run / "replicas.json", {"parameter_checksums": checksums})
+        if len(set(checksums)) != 1:
+            raise MedSynError(f"the processes' parameters diverged: {checksums}")
+
+
+# ----------------------------------------------------------------------------- export
+def export(runs: list[Path], out: Path) -> Path:
+    """Combine one stage-1 run and one stage-2 run (their EMA weights) into a model folder."""
+    stages = {}
+    for run in runs:
+        info = read_json(run / "run.json")
+        checkpoints = sorted((run / "checkpoints").glob("step_*"))
+        if not checkpoints:
+            raise MedSynError(f"{run} has no checkpoint to export")
+        config = config_from_dict(StageConfig, info["stage_config"], source=str(run / "run.json"))
+        network = UNet3D(config.network)
+        try:
+            network.load_state_dict(load_file(checkpoints[-1] / "ema.safetensors"))
+        except (OSError, SafetensorError, RuntimeError) as error:
+            raise MedSynError(f"cannot read {checkpoints[-1] / 'ema.safetensors'}: {error}") from error
+        if info["stage"] in stages:
+            raise MedSynError(f"two {info['stage']} runs given; export takes one run per stage")
+        stages[info["stage"]] = (config, network.eval(), info, int(checkpoints[-1].name.split("_")[1]))
+    missing = [s for s in STAGES if s not in stages]
+    if missing:
+        raise MedSynError(f"export needs one run of each stage; missing {missing}")
+    dataset = PreparedDataset(stages["stage1"][2]["data"])
+    model_config = ModelConfig(
+        structures=dataset.structures,
+        spacing_mm=tuple(dataset.index.get("spacing_mm", (320.0 / dataset.size,) * 3)),
+        trained=True,
+        description=f"trained on {dataset.root.name} ({len(dataset)} cases): stage 1 {stages['stage1'][3]} steps, "
+                    f"stage 2 {stages['stage2'][3]} steps",
+    )
+    text_encoder = config_from_dict(TextEncoderConfig, dataset.index["text_encoder"])
+    pipeline = MedSynPipeline(model_config, stages["stage1"][:2], stages["stage2"][:2], text_encoder)
+    pipeline.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MedSynLib.train", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=[*STAGES, "export"])
+    parser.add_argument("overrides", nargs="*", help="key=value settings of TrainConfig")
+    parser.add_argument("--data", type=Path, help="prepared dataset folder")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (or model folder for export)")
+    parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig settings")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint")
+    parser.add_argument("--run", type=Path, action="append", default=[], help="export: a run folder (one per stage)")
+    args = parser.parse_intermixed_args(argv)
+    if args.command == "export":
+        print(f"wrote {export(args.run, args.out)}", file=sys.stderr)
+        return 0
+    if args.data is None:
+        raise MedSynError("--data is required for training")
+    train(args.command, args.data, args.out, resolve_config(args.config, args.overrides), resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))

@@ -1,0 +1,196 @@
+"""Training both stages on phantoms: learning, export, exact resume, torchrun, crash safety, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from MedSynLib import train as train_module
+from MedSynLib.errors import MedSynError, run_command
+from MedSynLib.pipeline import MedSynPipeline
+
+FAST = ["preset=tiny", "num_workers=0", "warmup_steps=0", "grad_accumulation=1", "batch_size=2", "log_every=1",
+        "sample_every=0", "ema_start=0", "ema_decay=0.9", "patch=[16,16,16]"]
+
+
+def run_train(*args):
+    return run_command(train_module.main, [str(a) for a in args])
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def latest_weights(run, name="model"):
+    return load_file(sorted((run / "checkpoints").glob("step_*"))[-1] / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained_runs(phantom_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for stage in ("stage1", "stage2"):
+        assert run_train(stage, "--data", phantom_dataset, "--out", root / stage, *FAST, "steps=40",
+                         "learning_rate=0.002", "checkpoint_every=20") == 0
+    return root
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_short_training_lowers_the_loss(trained_runs, stage):
+    values = losses(trained_runs / stage)
+    assert len(values) == 40 and all(np.isfinite(values))
+    assert np.mean(values[-8:]) < 0.6 * np.mean(values[:4]), values
+
+
+def test_run_folder_keeps_config_checkpoints_and_metrics(trained_runs):
+    run = trained_runs / "stage1"
+    info = json.loads((run / "run.json").read_text())
+    assert info["stage"] == "stage1" and info["train"]["steps"] == 40 and info["train"]["preset"] == "tiny"
+    assert [p.name for p in sorted((run / "checkpoints").glob("step_*"))] == ["step_00000020", "step_00000040"]
+    assert set(os.listdir(run / "checkpoints" / "step_00000040")) == {
+        "model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"}
+
+
+def test_export_makes_a_model_that_generate_uses(trained_runs, tmp_path):
+    model = tmp_path / "model"
+    assert run_train("export", "--run", trained_runs / "stage1", "--run", trained_runs / "stage2", "--out", model) == 0
+    pipeline = MedSynPipeline.from_pretrained(model)
+    assert pipeline.config.trained and "40 steps" in pipeline.config.description
+    ema = latest_weights(trained_runs / "stage1", "ema")
+    assert torch.equal(pipeline.stage1.state_dict()["final_conv.weight"], ema["final_conv.weight"])
+    from MedSynLib.generate import main as generate_main
+
+    out = tmp_path / "generated"
+    assert run_command(generate_main, ["--model", str(model), "--report", "Left pleural effusion.", "--out", str(out),
+                                       "--progress", "none"]) == 0
+    assert (out / "ct.nii.gz").is_file()
+
+
+def test_resume_continues_exactly(phantom_dataset, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train("stage1", "--data", phantom_dataset, "--out", straight, *FAST, "steps=6", "checkpoint_every=3") == 0
+    assert run_train("stage1", "--data", phantom_dataset, "--out", resumed, *FAST, "steps=3", "checkpoint_every=3") == 0
+    assert run_train("stage1", "--data", phantom_dataset, "--out", resumed, *FAST, "steps=6", "checkpoint_every=3",
+                     "--resume") == 0
+    a, b = latest_weights(straight), latest_weights(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert losses(straight) == pytest.approx(losses(resumed), abs=1e-6)
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(phantom_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=4", "checkpoint_every=2") == 0
+    (run / "checkpoints" / "step_00000004" / "model.safetensors").write_bytes(b"torn")
+    (run / "checkpoints" / ".step_00000006.tmp").mkdir()  # a save interrupted by a crash
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=6", "checkpoint_every=2",
+                     "--resume") == 0
+    assert "step_00000004 is unreadable" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(phantom_dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_save, calls = train_module.save_file, []
+
+    def save_until_disk_full(tensors, path):
+        calls.append(path)
+        if "step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(train_module, "save_file", save_until_disk_full)
+    with pytest.raises(OSError):
+        train_module.main(["stage1", "--data", str(phantom_dataset), "--out", str(run), *FAST, "steps=4",
+                           "checkpoint_every=2"])
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_00000002"]
+    assert load_file(run / "checkpoints" / "step_00000002" / "model.safetensors")
+
+
+def test_sigkill_during_training_resumes_from_an_intact_checkpoint(phantom_dataset, tmp_path):
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "MedSynLib.train", "stage1", "--data", str(phantom_dataset), "--out", str(run),
+               *FAST, "steps=100000", "checkpoint_every=1", "keep_checkpoints=2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((run / "checkpoints").glob("step_*"))) < 2:
+        time.sleep(0.2)
+    time.sleep(0.3)  # likely in the middle of a step or a save
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=1",
+                     "checkpoint_every=1", "--resume") == 0  # already past step 1: loads and stops cleanly
+    step = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, f"steps={step + 1}",
+                     "checkpoint_every=1", "keep_checkpoints=2", "--resume") == 0
+    assert (run / "checkpoints" / f"step_{step + 1:08d}" / "model.safetensors").is_file()
+
+
+def test_torchrun_two_processes_keep_identical_parameters(phantom_dataset, tmp_path):
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "MedSynLib.train", "stage1", "--data", str(phantom_dataset), "--out", str(run),
+               *[a if not a.startswith("batch_size") else "batch_size=1" for a in FAST], "steps=3",
+               "checkpoint_every=3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    sums = json.loads((run / "replicas.json").read_text())
+    assert len(sums["parameter_checksums"]) == 2 and len(set(sums["parameter_checksums"])) == 1
+    # Two processes with batch 1 see exactly the samples of one process with batch 2.
+    single = tmp_path / "single"
+    assert run_train("stage1", "--data", phantom_dataset, "--out", single, *FAST, "steps=3", "checkpoint_every=3") == 0
+    a, b = latest_weights(run), latest_weights(single)
+    differences = [(a[k] - b[k]).abs().max().item() for k in a]
+    # Equal up to the order of the gradient sum; Adam can turn that rounding into up to lr per step
+    # for parameters whose gradient is ~0 (conv biases before GroupNorm), and only for those.
+    assert max(differences) < 3 * 1e-4
+    assert np.mean(np.array(differences) < 1e-5) > 0.9
+
+
+def _nan_dataset(phantom_dataset, tmp_path):
+    broken = tmp_path / "nan"
+    shutil.copytree(phantom_dataset, broken)
+    for path in (broken / "cases").glob("*.npz"):
+        with np.load(path) as data:
+            arrays = dict(data)
+        arrays["text_features"] = np.full_like(arrays["text_features"], np.nan)
+        np.savez_compressed(path, **arrays)
+    return broken
+
+
+def test_bad_inputs_give_clear_errors(phantom_dataset, tmp_path, capsys):
+    assert run_train("stage1", "--data", tmp_path / "missing", "--out", tmp_path / "r1", *FAST) == 2
+    (tmp_path / "empty").mkdir()
+    assert run_train("stage1", "--data", tmp_path / "empty", "--out", tmp_path / "r2", *FAST) == 2
+    assert run_train("stage1", "--data", phantom_dataset, "--out", tmp_path / "r3", *FAST, "learning_rat=1") == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "not a prepared dataset" in err and "learning_rat" in err
+
+    assert run_train("stage1", "--data", _nan_dataset(phantom_dataset, tmp_path), "--out", tmp_path / "r4", *FAST,
+                     "steps=5", "checkpoint_every=1") == 2
+    assert "loss became nan" in capsys.readouterr().err
+
+    run = tmp_path / "r5"
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=1") == 0
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=2") == 2  # no --resume
+    assert run_train("stage2", "--data", phantom_dataset, "--out", run, *FAST, "steps=2", "--resume") == 2
+    # A dataset with another structure set does not fit the run's network.
+    lungs = tmp_path / "lungs"
+    shutil.copytree(phantom_dataset, lungs)
+    index = json.loads((lungs / "dataset.json").read_text())
+    index["structures"] = ["left_lung", "right_lung", "airway", "vessels"]
+    (lungs / "dataset.json").write_text(json.dumps(index))
+    assert run_train("stage1", "--data", lungs, "--out", run, *FAST, "steps=2", "--resume") == 2
+    assert "differ" in capsys.readouterr().err
+    with pytest.raises(MedSynError, match="mixed_precision"):
+        train_module.resolve_config(None, ["mixed_precision=fp8"])
