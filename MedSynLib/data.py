@@ -80,6 +80,12 @@ def write_case(path: Path, case: Case, structures: tuple[str, ...]) -> None:
         raise
 
 
+def read_case_meta(path: Path) -> dict:
+    """The case id, report and geometry of a case file, without decompressing its volumes."""
+    with np.load(path, allow_pickle=False) as data:
+        return json.loads(bytes(data["meta"]).decode())
+
+
 class PreparedDataset:
     """Read access to a prepared dataset; cases are loaded one at a time, never all at once."""
 
