@@ -14,15 +14,13 @@ Files are written to a temporary name and renamed, so a case file is whole or ab
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .anatomy import resolve_structures
-from .configuration import publish, read_json, write_json
+from .configuration import atomic_file, read_json, write_json
 from .errors import MedSynError
 from .geometry import Geometry
 
@@ -68,16 +66,8 @@ def write_case(path: Path, case: Case, structures: tuple[str, ...]) -> None:
         "meta": np.frombuffer(json.dumps({"case_id": case.case_id, "report": case.report,
                                           "geometry": case.geometry.as_dict()}).encode(), dtype=np.uint8),
     }
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez_compressed(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as file:
+        np.savez_compressed(file, **arrays)
 
 
 def read_case_meta(path: Path) -> dict:
