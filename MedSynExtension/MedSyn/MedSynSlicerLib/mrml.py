@@ -1,0 +1,574 @@
+"""MedSyn results in MRML, and MRML segmentations back to MedSyn label maps, without Qt.
+
+Only `slicer` (MRML, Segmentations core), `vtk`, numpy and SimpleITK are used, so the same
+code runs inside 3D Slicer and on a headless `slicer-core` scene in the tests. Every
+function takes the scene (or a node) it works on; none touches `slicer.mrmlScene`.
+
+Coordinates: MedSyn files are written by SimpleITK, in LPS, described by
+`MedSynLib.geometry.Geometry` (shape (z, y, x), spacing and origin (x, y, z) in mm,
+direction a row-major 3x3 whose columns are the i, j, k axes). Slicer works in RAS, so
+IJKToRAS = diag(-1, -1, 1) . [direction . diag(spacing) | origin].
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from MedSynLib.anatomy import (
+    STRUCTURES,
+    Structure,
+    label_map_to_masks,
+    masks_to_label_map,
+    resolve_structures,
+)
+from MedSynLib.geometry import Geometry
+
+SYNTHETIC_ATTRIBUTE = "MedSyn.Synthetic"
+REPORT_ATTRIBUTE = "MedSyn.Report"
+PARAMETERS_ATTRIBUTE = "MedSyn.Parameters"
+TERMINOLOGY_TAG = "TerminologyEntry"  # the segment tag Slicer keeps terminology in
+CT_LUNG_WINDOW = 1400.0  # Slicer's "CT-Lung" window/level preset
+CT_LUNG_LEVEL = -500.0
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+RESULT_FILES = ("generation.json", "ct.nii.gz", "anatomy.nii.gz")
+
+
+class GenerationResultError(ValueError):
+    """A result folder that cannot be imported (missing or unreadable file, bad metadata)."""
+
+
+# --------------------------------------------------------------------------------------
+# Geometry: LPS Geometry <-> RAS IJKToRAS, numpy <-> VTK images
+# --------------------------------------------------------------------------------------
+
+
+def ijk_to_ras(geometry: Geometry) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of a geometry given in LPS."""
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_TO_RAS @ direction @ np.diag(np.asarray(geometry.spacing, dtype=float))
+    matrix[:3, 3] = LPS_TO_RAS @ np.asarray(geometry.origin, dtype=float)
+    return matrix
+
+
+def geometry_from_ijk_to_ras(matrix: np.ndarray, shape_zyx: tuple[int, int, int]) -> Geometry:
+    """The LPS Geometry of a grid given by its IJK-to-RAS matrix and (z, y, x) shape."""
+    matrix = np.asarray(matrix, dtype=float)
+    axes_ras = matrix[:3, :3]
+    spacing = np.linalg.norm(axes_ras, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError(f"degenerate IJK-to-RAS matrix (zero spacing): {matrix.tolist()}")
+    direction = LPS_TO_RAS @ (axes_ras / spacing)
+    origin = LPS_TO_RAS @ matrix[:3, 3]
+    return Geometry(
+        tuple(int(n) for n in shape_zyx),
+        tuple(float(s) for s in spacing),
+        tuple(float(o) for o in origin),
+        tuple(float(d) for d in direction.ravel()),
+    )
+
+
+def geometry_of_volume_node(volume_node) -> Geometry:
+    """Grid of a volume node (its own IJKToRAS; a parent transform is not applied)."""
+    image = volume_node.GetImageData()
+    if image is None:
+        raise ValueError(f"volume {volume_node.GetName()!r} has no image data")
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return geometry_from_ijk_to_ras(_array_of_vtk_matrix(matrix), tuple(image.GetDimensions())[::-1])
+
+
+def _geometry_of_oriented_image(image) -> Geometry:
+    """Grid of a vtkOrientedImageData, re-based so that its first voxel is index (0, 0, 0)."""
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    matrix = _array_of_vtk_matrix(matrix)
+    extent = image.GetExtent()
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if min(shape) < 1:
+        raise ValueError("empty image extent")
+    matrix[:3, 3] = (matrix @ np.array([extent[0], extent[2], extent[4], 1.0]))[:3]
+    return geometry_from_ijk_to_ras(matrix, shape)
+
+
+def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, float(array[row, column]))
+    return matrix
+
+
+def _array_of_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _fill_image(image, array_zyx: np.ndarray) -> None:
+    """Set the dimensions and point scalars of a vtkImageData from a (z, y, x) array (copied)."""
+    array_zyx = np.ascontiguousarray(array_zyx)
+    if array_zyx.ndim != 3:
+        raise ValueError(f"expected a 3D (z, y, x) array, got shape {array_zyx.shape}")
+    if array_zyx.dtype == bool:
+        array_zyx = array_zyx.astype(np.uint8)
+    image.SetDimensions(array_zyx.shape[2], array_zyx.shape[1], array_zyx.shape[0])
+    scalars = numpy_support.numpy_to_vtk(array_zyx.ravel(), deep=True)
+    scalars.SetName("ImageScalars")
+    image.GetPointData().SetScalars(scalars)
+
+
+def _array_of_image(image) -> np.ndarray:
+    """The point scalars of a vtkImageData as a (z, y, x) numpy array (copied)."""
+    nx, ny, nz = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None:
+        return np.zeros((nz, ny, nx), dtype=np.uint8)
+    return numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx).copy()
+
+
+def _oriented_image(array_zyx: np.ndarray, geometry: Geometry):
+    image = slicer.vtkOrientedImageData()
+    _fill_image(image, array_zyx)
+    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras(geometry)))
+    return image
+
+
+def _check_shape(array: np.ndarray, geometry: Geometry, what: str) -> None:
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise ValueError(f"{what} has shape {tuple(array.shape)} but the geometry is {tuple(geometry.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# Nodes from arrays
+# --------------------------------------------------------------------------------------
+
+
+def volume_node_from_array(scene, array_zyx, spacing, origin, direction, name: str):
+    """A scalar volume (HU) with the CT-Lung window, marked synthetic. Geometry in LPS, as SimpleITK gives it."""
+    array_zyx = np.asarray(array_zyx)
+    geometry = Geometry(tuple(array_zyx.shape), tuple(spacing), tuple(origin), tuple(np.ravel(direction)))
+    if len(geometry.spacing) != 3 or len(geometry.origin) != 3 or len(geometry.direction) != 9:
+        raise ValueError("spacing and origin need 3 values and direction 9")
+    image = vtk.vtkImageData()
+    _fill_image(image, array_zyx)
+
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(scene.GenerateUniqueName(name))
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(geometry)))
+    node.SetAndObserveImageData(image)
+    node.SetAttribute(SYNTHETIC_ATTRIBUTE, "true")
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(CT_LUNG_WINDOW, CT_LUNG_LEVEL)
+    return node
+
+
+def terminology_string(structure: Structure) -> str:
+    """The structure's terminology as Slicer stores it in the TerminologyEntry tag."""
+    from slicerio.segmentation import terminology_entry_to_string  # needs slicerio, installed on first use
+
+    return terminology_entry_to_string(structure.terminology())
+
+
+def segmentation_node_from_labels(
+    scene,
+    label_map_zyx,
+    geometry: Geometry,
+    structures,
+    reference_volume_node=None,
+    name: str = "MedSyn anatomy",
+    *,
+    show_3d: bool = True,
+):
+    """A segmentation with one segment per structure (name, color, terminology), empty ones included.
+
+    `structures` are `Structure`s or names/a structure-set name (see anatomy.resolve_structures).
+    The closed-surface representation is built for the 3D view when the scene's converter
+    rules allow it (always in Slicer).
+    """
+    if not isinstance(structures, tuple) or not all(isinstance(s, Structure) for s in structures):
+        structures = resolve_structures(structures)
+    label_map_zyx = np.asarray(label_map_zyx)
+    _check_shape(label_map_zyx, geometry, "label map")
+    masks = label_map_to_masks(label_map_zyx, structures)
+
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(scene.GenerateUniqueName(name))
+    node.SetAttribute(SYNTHETIC_ATTRIBUTE, "true")
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    if reference_volume_node is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    else:
+        reference = _oriented_image(np.zeros(geometry.shape, dtype=np.uint8), geometry)
+        node.GetSegmentation().SetConversionParameter(
+            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+            slicer.vtkSegmentationConverter.SerializeImageGeometry(reference),
+        )
+    segmentation = node.GetSegmentation()
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    for structure in structures:
+        segment = slicer.vtkSegment()
+        segment.SetName(structure.display_name)
+        segment.SetColor(*structure.color)
+        segment.SetTag(TERMINOLOGY_TAG, terminology_string(structure))
+        segment.SetNameAutoGenerated(False)  # the name and color are ours: Slicer must not replace them
+        segment.SetColorAutoGenerated(False)
+        segment.AddRepresentation(labelmap_name, _oriented_image(masks[structure.name].astype(np.uint8), geometry))
+        segmentation.AddSegment(segment, structure.name)
+    # Non-overlapping segments share one labelmap layer: less memory, a compact .seg.nrrd.
+    segmentation.CollapseBinaryLabelmaps(False)
+    if show_3d and node.CreateClosedSurfaceRepresentation():
+        node.GetDisplayNode().SetPreferredDisplayRepresentationName3D(
+            slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+        )
+    node.GetDisplayNode().SetVisibility3D(True)
+    return node
+
+
+# --------------------------------------------------------------------------------------
+# Segmentation -> MedSyn label map (conditioning input)
+# --------------------------------------------------------------------------------------
+
+_FILLER_WORDS = frozenset({"of", "the", "lung", "lungs", "pulmonary", "structure", "segment"})
+_NAME_ALIASES: dict[str, tuple[str, ...]] = {
+    "left_upper_lobe": ("LUL",),
+    "left_lower_lobe": ("LLL",),
+    "right_upper_lobe": ("RUL",),
+    "right_middle_lobe": ("RML",),
+    "right_lower_lobe": ("RLL",),
+    "airway": ("airways", "trachea bronchia", "trachea and bronchi", "bronchial tree", "airway tree"),
+    "vessels": ("blood vessels", "vasculature", "vessel tree"),
+}
+
+
+def _name_key(name: str) -> frozenset[str]:
+    """Words of a name, case-, separator- and plural-insensitive, filler words dropped."""
+    words = set()
+    for word in re.split(r"[^a-z0-9]+", name.lower()):
+        if not word or word in _FILLER_WORDS:
+            continue
+        if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+            word = word[:-1]
+        words.add(word)
+    return frozenset(words)
+
+
+def _structure_name_keys() -> dict[frozenset[str], str]:
+    keys: dict[frozenset[str], str] = {}
+    for structure in STRUCTURES.values():
+        for name in (structure.name, structure.display_name, *_NAME_ALIASES.get(structure.name, ())):
+            keys[_name_key(name)] = structure.name
+    return keys
+
+
+def _terminology_key(terminology: dict) -> tuple[str, str, str] | None:
+    kind = terminology.get("type")
+    if not kind or len(kind) < 2 or not kind[1]:
+        return None
+    modifier = terminology.get("typeModifier") or ["", "", ""]
+    return (kind[0], kind[1], modifier[1] if len(modifier) > 1 else "")
+
+
+def _structure_terminology_keys() -> dict[tuple[str, str, str], str]:
+    return {_terminology_key(s.terminology()): s.name for s in STRUCTURES.values()}
+
+
+def structure_for_segment(segment) -> str | None:
+    """The MedSyn structure a segment stands for: by terminology first, else by name."""
+    entry = vtk.mutable("")
+    segment.GetTag(TERMINOLOGY_TAG, entry)
+    entry = str(entry)
+    if entry:
+        from slicerio.segmentation import terminology_entry_from_string
+
+        try:
+            key = _terminology_key(terminology_entry_from_string(entry))
+        except (IndexError, ValueError):
+            key = None
+        match = _structure_terminology_keys().get(key) if key else None
+        if match:
+            return match
+    key = _name_key(segment.GetName() or "")
+    return _structure_name_keys().get(key) if key else None
+
+
+@dataclass(frozen=True)
+class LabelExport:
+    label_map: np.ndarray  # uint8 (z, y, x), anatomy.py label values
+    geometry: Geometry  # LPS
+    used: dict[str, str] = field(default_factory=dict)  # segment name -> structure name
+    ignored: tuple[str, ...] = ()  # segment names that map to no structure
+
+    def write(self, path: str | Path) -> Path:
+        """Write as a label-map file (NIfTI/NRRD by extension) for `MedSynLib.generate --anatomy`."""
+        return write_label_map(path, self.label_map, self.geometry)
+
+
+def _reference_geometry(segmentation_node, reference, first_mask_image) -> Geometry:
+    if isinstance(reference, Geometry):
+        return reference
+    if reference is not None:
+        return geometry_of_volume_node(reference)
+    serialized = segmentation_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    )
+    if serialized:
+        image = slicer.vtkOrientedImageData()
+        if slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialized, image, False):
+            return _geometry_of_oriented_image(image)
+    return _geometry_of_oriented_image(first_mask_image)
+
+
+def labels_from_segmentation_node(segmentation_node, reference=None) -> LabelExport:
+    """The segmentation as a MedSyn label map on a reference grid.
+
+    Segments are matched to structures by terminology, else by name ("left upper lobe",
+    "lung_upper_lobe_left", "LUL" ...); others are ignored. `reference` is a volume node, a
+    Geometry, or None for the segmentation's own reference geometry. Raises ValueError when
+    no segment maps to a structure or the mapped segments are empty.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    used: dict[str, str] = {}
+    ignored: list[str] = []
+    by_structure: dict[str, list[str]] = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        structure = structure_for_segment(segment)
+        if structure is None:
+            ignored.append(segment.GetName())
+        else:
+            used[segment.GetName()] = structure
+            by_structure.setdefault(structure, []).append(segment_id)
+    if not by_structure:
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        known = sorted(s.display_name for s in STRUCTURES.values())
+        raise ValueError(
+            f"no segment of {segmentation_node.GetName()!r} matches a MedSyn structure "
+            f"(segments: {names}; known structures: {known}; matched by terminology or by name)"
+        )
+
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if not segmentation.ContainsRepresentation(labelmap_name) and not segmentation_node.CreateBinaryLabelmapRepresentation():
+        raise ValueError(f"segmentation {segmentation_node.GetName()!r} cannot be converted to a binary labelmap")
+
+    mask_images = {}
+    for segment_ids in by_structure.values():
+        for segment_id in segment_ids:
+            image = slicer.vtkOrientedImageData()
+            if not segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image):
+                raise ValueError(f"cannot read the labelmap of segment {segment_id!r}")
+            mask_images[segment_id] = image
+    geometry = _reference_geometry(segmentation_node, reference, next(iter(mask_images.values())))
+    reference_image = _oriented_image(np.zeros(geometry.shape, dtype=np.uint8), geometry)
+
+    to_world = None
+    if segmentation_node.GetParentTransformNode() is not None:
+        to_world = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(segmentation_node.GetParentTransformNode(), None, to_world)
+
+    masks: dict[str, np.ndarray] = {}
+    for structure, segment_ids in by_structure.items():
+        mask = np.zeros(geometry.shape, dtype=bool)
+        for segment_id in segment_ids:
+            mask |= _resampled_mask(mask_images[segment_id], reference_image, geometry, to_world)
+        masks[structure] = mask
+    if not any(mask.any() for mask in masks.values()):
+        raise ValueError(f"the segments of {segmentation_node.GetName()!r} that match MedSyn structures are empty")
+    # Lungs first, so lobes drawn later win inside them; masks_to_label_map draws airway and vessels last.
+    order = sorted(masks, key=lambda name: (name not in ("left_lung", "right_lung"), STRUCTURES[name].label))
+    label_map = masks_to_label_map({name: masks[name] for name in order})
+    return LabelExport(label_map, geometry, used, tuple(ignored))
+
+
+def _resampled_mask(mask_image, reference_image, geometry: Geometry, to_world) -> np.ndarray:
+    extent = mask_image.GetExtent()
+    if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+        return np.zeros(geometry.shape, dtype=bool)
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        mask_image, reference_image, resampled, False, False, to_world
+    ):
+        raise ValueError("resampling a segment onto the reference grid failed")
+    array = _array_of_image(resampled)
+    if array.shape != tuple(geometry.shape):
+        raise ValueError(f"resampled segment has shape {array.shape}, expected {tuple(geometry.shape)}")
+    return array > 0
+
+
+def write_label_map(path: str | Path, label_map: np.ndarray, geometry: Geometry) -> Path:
+    """Write a uint8 label map with its LPS geometry (format from the file extension)."""
+    path = Path(path)
+    image = geometry.image(np.asarray(label_map, dtype=np.uint8))
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Subject hierarchy and whole results
+# --------------------------------------------------------------------------------------
+
+
+def place_in_subject_hierarchy(scene, volume_node, segmentation_node, folder_name: str, report: str,
+                               parameters: dict) -> int:
+    """Put the volume and its segmentation in one folder that carries the report and parameters."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), folder_name)
+    sh.SetItemAttribute(folder, SYNTHETIC_ATTRIBUTE, "true")
+    sh.SetItemAttribute(folder, REPORT_ATTRIBUTE, report)
+    sh.SetItemAttribute(folder, PARAMETERS_ATTRIBUTE, json.dumps(parameters, sort_keys=True, default=str))
+    for node in (volume_node, segmentation_node):
+        if node is None:
+            continue
+        node.SetAttribute(REPORT_ATTRIBUTE, report)
+        item = sh.GetItemByDataNode(node)
+        if item == sh.GetInvalidItemID():
+            sh.CreateItem(folder, node)  # Slicer makes items on its own; a bare MRML scene does not
+        else:
+            sh.SetItemParent(item, folder)
+    return folder
+
+
+def result_names(report: str, seed) -> tuple[str, str, str]:
+    """Volume, segmentation and folder names from the report's first words and the seed."""
+    words = re.findall(r"[A-Za-z0-9][A-Za-z0-9'\-]*", report)
+    snippet = ""
+    for word in words[:6]:
+        if len(snippet) + len(word) + 1 > 40:
+            break
+        snippet = f"{snippet} {word}".strip()
+    snippet = snippet or "report"
+    suffix = f"{snippet} (seed {seed})"
+    return f"Synthetic CT: {suffix}", f"Synthetic anatomy: {suffix}", f"MedSyn synthetic: {suffix}"
+
+
+@dataclass
+class GenerationNodes:
+    volume_node: object
+    segmentation_node: object
+    folder_item: int
+    metadata: dict
+
+
+def _read_image(path: Path) -> sitk.Image:
+    if not path.is_file():
+        raise GenerationResultError(f"the result folder lacks {path.name} ({path.parent})")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise GenerationResultError(f"cannot read {path}: {str(error).strip().splitlines()[-1]}") from error
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise GenerationResultError(f"{path.name} is not a 3D scalar image")
+    return image
+
+
+def _read_metadata(path: Path) -> dict:
+    if not path.is_file():
+        raise GenerationResultError(f"the result folder lacks {path.name} ({path.parent})")
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise GenerationResultError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(metadata, dict):
+        raise GenerationResultError(f"{path} does not hold a JSON object")
+    for key, kind in (("report", str), ("structures", list)):
+        if not isinstance(metadata.get(key), kind):
+            raise GenerationResultError(f"{path.name} lacks {key!r} ({kind.__name__})")
+    if "seed" not in metadata:
+        raise GenerationResultError(f"{path.name} lacks 'seed'")
+    return metadata
+
+
+def _same_grid(a: Geometry, b: Geometry) -> bool:
+    return (
+        tuple(a.shape) == tuple(b.shape)
+        and np.allclose(a.spacing, b.spacing, rtol=1e-4, atol=1e-4)
+        and np.allclose(a.origin, b.origin, atol=1e-3)
+        and np.allclose(a.direction, b.direction, atol=1e-4)
+    )
+
+
+def remove_nodes(scene, nodes) -> None:
+    """Remove nodes and their display nodes from the scene (undo of a partial import)."""
+    sh = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")  # (do not create one)
+    for node in reversed([n for n in nodes if n is not None]):
+        if node.GetScene() is not scene:
+            continue
+        displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        item = sh.GetItemByDataNode(node) if sh is not None else 0
+        if item:
+            sh.RemoveItem(item, False, False)
+        scene.RemoveNode(node)
+        for display in displays:
+            if display is not None and display.GetScene() is scene:
+                scene.RemoveNode(display)
+
+
+def load_generation_result(scene, out_dir: str | Path, *, show_3d: bool = True,
+                           parameters: dict | None = None) -> GenerationNodes:
+    """Import a result folder written by `MedSynLib.generate` (ct.nii.gz, anatomy.nii.gz, generation.json).
+
+    Everything is read and checked before the first node is made; if building the nodes
+    fails anyway, the nodes made so far are removed, so the scene is as before.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise GenerationResultError(f"no result folder at {out}")
+    metadata = _read_metadata(out / "generation.json")
+    ct_image = _read_image(out / "ct.nii.gz")
+    anatomy_image = _read_image(out / "anatomy.nii.gz")
+    geometry = Geometry.of_image(ct_image)
+    if not _same_grid(geometry, Geometry.of_image(anatomy_image)):
+        raise GenerationResultError("anatomy.nii.gz is not on the grid of ct.nii.gz")
+    try:
+        structures = resolve_structures(tuple(metadata["structures"]))
+    except ValueError as error:
+        raise GenerationResultError(f"generation.json: {error}") from error
+    ct = sitk.GetArrayFromImage(ct_image)
+    labels = sitk.GetArrayFromImage(anatomy_image)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise GenerationResultError("anatomy.nii.gz does not hold integer labels")
+    allowed = {s.label for s in structures} | {STRUCTURES[n].label for n in _lobes_for(structures)} | {0}
+    unexpected = sorted(set(np.unique(labels).tolist()) - allowed)
+    if unexpected:
+        raise GenerationResultError(f"anatomy.nii.gz has labels {unexpected} outside the structures {metadata['structures']}")
+
+    volume_name, segmentation_name, folder_name = result_names(metadata["report"], metadata["seed"])
+    recorded = {k: v for k, v in metadata.items() if k != "report"}
+    if parameters:
+        recorded["request"] = parameters
+    created = []
+    try:
+        volume = volume_node_from_array(scene, ct, geometry.spacing, geometry.origin, geometry.direction, volume_name)
+        created.append(volume)
+        segmentation = segmentation_node_from_labels(
+            scene, labels, geometry, structures, volume, segmentation_name, show_3d=show_3d
+        )
+        created.append(segmentation)
+        folder = place_in_subject_hierarchy(scene, volume, segmentation, folder_name, metadata["report"], recorded)
+    except Exception:
+        remove_nodes(scene, created)
+        raise
+    return GenerationNodes(volume, segmentation, folder, metadata)
+
+
+def _lobes_for(structures) -> tuple[str, ...]:
+    """Lobe names whose labels a lung-level label map may hold (label_map_to_masks merges them)."""
+    names = {s.name for s in structures}
+    lobes = []
+    if "left_lung" in names:
+        lobes += ["left_upper_lobe", "left_lower_lobe"]
+    if "right_lung" in names:
+        lobes += ["right_upper_lobe", "right_middle_lobe", "right_lower_lobe"]
+    return tuple(lobes)

@@ -1,0 +1,215 @@
+"""Consistency of the Slicer extension's files, checked without Slicer.
+
+What Slicer itself would only reveal at load time: the .ui file is valid and has every
+widget the module uses, each parameter-node field has a widget the parameterNodeWrapper can
+connect, CMake packages every file, the Extensions Index entry follows the catalog schema,
+the icon is 128x128, and the module installs every package generation imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest_slicer import MODULE_DIR, REPO_ROOT  # noqa: E402
+from MedSynSlicerLib import job  # noqa: E402
+
+MODULE_FILE = MODULE_DIR / "MedSyn.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedSyn.ui"
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    return {w.get("name"): w for w in ET.parse(UI_FILE).getroot().iter("widget")}
+
+
+def parameter_fields() -> dict[str, str]:
+    """Field name -> annotation source of MedSynParameterNode."""
+    for node in module_tree().body:
+        if isinstance(node, ast.ClassDef) and node.name == "MedSynParameterNode":
+            return {
+                item.target.id: ast.unparse(item.annotation)
+                for item in node.body
+                if isinstance(item, ast.AnnAssign)
+            }
+    raise AssertionError("MedSynParameterNode not found")
+
+
+def test_module_defines_the_scripted_module_classes():
+    classes = {node.name for node in module_tree().body if isinstance(node, ast.ClassDef)}
+    assert {"MedSyn", "MedSynParameterNode", "MedSynWidget", "MedSynLogic", "MedSynTest"} <= classes
+    # Slicer loads every top-level .py of a module folder as a module: only MedSyn.py may be there.
+    assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["MedSyn.py"]
+
+
+def test_ui_has_every_widget_the_module_uses():
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
+    assert used, "the module uses no widgets?"
+    assert used <= set(ui_widgets()), sorted(used - set(ui_widgets()))
+
+
+# parameterNodeWrapper's GUI connectors (Slicer's parameterNodeWrapper/guiConnectors.py).
+CONNECTABLE = {
+    "str": {"QTextEdit", "QLineEdit"},
+    "int": {"QSpinBox", "QSlider"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget"},
+    "bool": {"QCheckBox", "QPushButton"},
+    "choice": {"QComboBox"},
+    "node": {"qMRMLNodeComboBox"},
+}
+
+
+def connector_kind(annotation: str) -> str:
+    if "Choice(" in annotation:
+        return "choice"
+    if annotation.startswith("vtkMRML"):
+        return "node"
+    base = re.sub(r"^Annotated\[(\w+),.*\]$", r"\1", annotation)
+    return base
+
+
+def test_every_parameter_has_a_connectable_widget():
+    fields = parameter_fields()
+    bound = {}
+    for name, widget in ui_widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = (name, widget.get("class"))
+    # Synced by hand in the widget: the report (rewriting the text box on each keystroke would
+    # move the cursor) and the model folder (a str, empty = embedded default; ctkPathLineEdit binds Path).
+    assert set(bound) == set(fields) - {"modelFolder", "reportText"}
+    assert ui_widgets()["modelPathLineEdit"].get("class") == "ctkPathLineEdit"
+    assert ui_widgets()["reportTextEdit"].get("class") == "QTextEdit"
+    for field, (widget_name, widget_class) in bound.items():
+        kind = connector_kind(fields[field])
+        assert widget_class in CONNECTABLE[kind], f"{field}: {widget_name} ({widget_class}) cannot represent {fields[field]}"
+
+
+def test_ui_declares_its_custom_widgets_and_scene_connection():
+    root = ET.parse(UI_FILE).getroot()
+    declared = {c.find("class").text for c in root.iter("customwidget")}
+    used = {w.get("class") for w in root.iter("widget")}
+    assert {c for c in used if not c.startswith("Q")} <= declared
+    connections = [(c.find("sender").text, c.find("receiver").text) for c in root.iter("connection")]
+    assert ("MedSyn", "conditioningSegmentationSelector") in connections
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, variable
+    return match.group(1).split()
+
+
+def test_module_cmake_packages_every_source_and_resource():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts = {s.replace("${MODULE_NAME}", "MedSyn") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
+    resources = {s.replace("${MODULE_NAME}", "MedSyn") for s in cmake_list(text, "MODULE_PYTHON_RESOURCES")}
+    on_disk_scripts = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py")}
+    on_disk_resources = {
+        p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()
+    }
+    assert scripts == on_disk_scripts
+    assert resources == on_disk_resources
+    # The library is packaged from the repository root, not copied into the module folder.
+    assert not (MODULE_DIR / "MedSynLib").exists()
+    assert 'SOURCE_DIR "${_medsyn_root}"' in text and '"${_medsyn_root}/MedSynLib/*.py"' in text
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_extension_cmake_metadata():
+    text = (REPO_ROOT / "CMakeLists.txt").read_text()
+    for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert re.search(rf'set\(EXTENSION_{variable} "[^"]+"\)', text), variable
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    order = [
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(MedSynExtension)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ]
+    positions = [text.index(line) for line in order]
+    assert positions == sorted(positions)
+    assert "add_subdirectory(MedSyn)" in (REPO_ROOT / "MedSynExtension" / "CMakeLists.txt").read_text()
+
+
+def test_extensions_index_entry_follows_the_catalog_schema():
+    entry = json.loads((REPO_ROOT / "MedSynExtension" / "MedSyn.json").read_text())
+    # slicer-extension-catalog-entry-schema v1.0.1: these keys only (additionalProperties false).
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision",
+               "scm_type", "scm_url", "tier"}
+    assert set(entry) <= allowed
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert "catalog-entry-schema-v1.0.1" in entry["$schema"]
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["build_subdirectory"] == "."
+    assert entry["scm_revision"] == "main"
+    assert entry["tier"] in (1, 3, 5)
+    cmake = (REPO_ROOT / "CMakeLists.txt").read_text()
+    assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
+
+
+def test_icon_is_a_128_pixel_png():
+    pil = pytest.importorskip("PIL.Image")
+    with pil.open(MODULE_DIR / "Resources" / "Icons" / "MedSyn.png") as icon:
+        assert icon.format == "PNG"
+        assert icon.size == (128, 128)
+
+
+def _generation_import_closure() -> set[str]:
+    """Top-level names of everything `python -m MedSynLib.generate` can import, following MedSynLib's own modules."""
+    library = REPO_ROOT / "MedSynLib"
+
+    def module_file(dotted: str) -> Path | None:
+        path = REPO_ROOT.joinpath(*dotted.split("."))
+        for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    seen, queue, imported = set(), [library / "generate.py"], set()
+    while queue:
+        path = queue.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
+        names = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                    module = f"{base}.{node.module}" if node.module else base
+                else:
+                    module = node.module or ""
+                names.append(module)
+                names += [f"{module}.{alias.name}" for alias in node.names]  # `from . import x`
+        for name in names:
+            if name.split(".")[0] == "MedSynLib":
+                target = module_file(name)
+                if target is not None:
+                    queue.append(target)
+            else:
+                imported.add(name.split(".")[0])
+    return imported
+
+
+def test_the_module_installs_every_package_generation_imports():
+    """A new third-party import on the generation path must be added to the module's installer (job.py)."""
+    third_party = _generation_import_closure() - set(sys.stdlib_module_names) - {"__future__", ""}
+    assert {"torch", "transformers", "SimpleITK"} <= third_party  # the closure was followed
+    # torch comes from the PyTorch extension; numpy ships with Slicer.
+    provided = set(job.REQUIRED_PACKAGES) | set(job.NO_DEPS_PACKAGES) | set(job.TILING_PACKAGES) | {"torch", "numpy"}
+    assert third_party <= provided, sorted(third_party - provided)

@@ -1,0 +1,728 @@
+"""The Slicer module's MRML side on a real, headless MRML scene (`slicer-core` from PyPI).
+
+What 3D Slicer would show is checked on the nodes themselves: volume geometry (LPS files ->
+RAS IJKToRAS) and HU values, segment names/colors/terminology, label round trips,
+segment-to-structure mapping, the subject hierarchy, MRML storage round trips into a fresh
+scene, and whole result folders imported all-or-nothing. Skipped when slicer-core is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest_slicer import (  # noqa: E402
+    fake_launcher,
+    import_slicer_core,
+    register_segmentation_converters,
+    write_fake_generator,
+)
+
+slicer = import_slicer_core()
+sitk = pytest.importorskip("SimpleITK")
+slicerio_segmentation = pytest.importorskip("slicerio.segmentation")
+
+import vtk  # noqa: E402
+from MedSynSlicerLib import mrml, runner  # noqa: E402
+from MedSynSlicerLib.job import GenerationRequest  # noqa: E402
+
+from MedSynLib.anatomy import STRUCTURE_SETS, STRUCTURES, resolve_structures  # noqa: E402
+from MedSynLib.geometry import Geometry  # noqa: E402
+
+# An oblique-free but axis-permuted, anisotropic grid away from the origin: a wrong LPS/RAS
+# flip, a transposed direction or swapped spacing all show.
+GEOMETRY = Geometry(
+    shape=(12, 16, 20),
+    spacing=(0.8, 1.25, 2.5),
+    origin=(31.0, -17.5, 42.0),
+    direction=(0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0),
+)
+LOBES = resolve_structures("lobes")
+
+
+def sample_labels(shape=GEOMETRY.shape) -> np.ndarray:
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[1:6, 2:14, 1:9] = STRUCTURES["left_upper_lobe"].label
+    labels[6:11, 2:14, 1:9] = STRUCTURES["left_lower_lobe"].label
+    labels[1:5, 2:14, 11:19] = STRUCTURES["right_upper_lobe"].label
+    labels[5:8, 2:14, 11:19] = STRUCTURES["right_middle_lobe"].label
+    labels[8:11, 2:14, 11:19] = STRUCTURES["right_lower_lobe"].label
+    labels[0:9, 7:9, 9:11] = STRUCTURES["airway"].label
+    labels[3, 4:12, 3] = STRUCTURES["vessels"].label  # a vessel inside the left upper lobe
+    return labels
+
+
+def sample_ct(shape=GEOMETRY.shape) -> np.ndarray:
+    return (np.arange(np.prod(shape)).reshape(shape) % 1624 - 1024).astype(np.int16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def converters():
+    register_segmentation_converters(slicer)
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+def node_classes(scene) -> list[str]:
+    return sorted(scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes()))
+
+
+def sh_item_count(scene) -> int:
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
+    return ids.GetNumberOfIds()
+
+
+def matrix_of(node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def sitk_image(array, geometry: Geometry):
+    return geometry.image(array)
+
+
+def ras_of_index(image, index_ijk) -> np.ndarray:
+    """Independent reference: SimpleITK's physical (LPS) point, flipped to RAS."""
+    lps = np.array(image.TransformIndexToPhysicalPoint(tuple(int(i) for i in index_ijk)))
+    return lps * np.array([-1.0, -1.0, 1.0])
+
+
+def segments_of(segmentation_node) -> list:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def terminology_of(segment) -> dict:
+    value = vtk.mutable("")
+    assert segment.GetTag(mrml.TERMINOLOGY_TAG, value)
+    return slicerio_segmentation.terminology_entry_from_string(str(value))
+
+
+def add_segment(segmentation_node, name, mask, geometry, terminology: dict | None = None):
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    if terminology is not None:
+        segment.SetTag(mrml.TERMINOLOGY_TAG, slicerio_segmentation.terminology_entry_to_string(terminology))
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    segment.AddRepresentation(labelmap, mrml._oriented_image(mask.astype(np.uint8), geometry))
+    segmentation_node.GetSegmentation().AddSegment(segment)
+
+
+def empty_segmentation(scene, geometry=GEOMETRY):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "user segmentation")
+    reference = mrml._oriented_image(np.zeros(geometry.shape, np.uint8), geometry)
+    node.GetSegmentation().SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(reference),
+    )
+    return node
+
+
+# ---------------------------------------------------------------------------------------
+# Volumes
+# ---------------------------------------------------------------------------------------
+
+
+def test_ijk_to_ras_agrees_with_simpleitk_physical_points():
+    image = sitk_image(np.zeros(GEOMETRY.shape, np.uint8), GEOMETRY)
+    matrix = mrml.ijk_to_ras(GEOMETRY)
+    for index in [(0, 0, 0), (19, 0, 0), (0, 15, 0), (0, 0, 11), (7, 3, 9), (19, 15, 11)]:
+        ras = (matrix @ np.array([*index, 1.0]))[:3]
+        np.testing.assert_allclose(ras, ras_of_index(image, index), atol=1e-9)
+    round_trip = mrml.geometry_from_ijk_to_ras(matrix, GEOMETRY.shape)
+    assert round_trip.shape == GEOMETRY.shape
+    np.testing.assert_allclose(round_trip.spacing, GEOMETRY.spacing)
+    np.testing.assert_allclose(round_trip.origin, GEOMETRY.origin)
+    np.testing.assert_allclose(round_trip.direction, GEOMETRY.direction, atol=1e-12)
+
+
+def test_volume_node_geometry_values_display_and_marking(scene):
+    ct = sample_ct()
+    node = mrml.volume_node_from_array(scene, ct, GEOMETRY.spacing, GEOMETRY.origin, GEOMETRY.direction, "Synthetic CT")
+
+    assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetScene() is scene
+    assert node.GetName() == "Synthetic CT"
+    np.testing.assert_allclose(node.GetSpacing(), GEOMETRY.spacing)
+    # RAS origin = LPS origin with x and y negated.
+    np.testing.assert_allclose(node.GetOrigin(), (-31.0, 17.5, 42.0))
+    np.testing.assert_allclose(matrix_of(node), mrml.ijk_to_ras(GEOMETRY), atol=1e-12)
+    # Direction columns: i runs along LPS -y (= RAS +y), j along LPS +x (= RAS -x), k along S.
+    np.testing.assert_allclose(matrix_of(node)[:3, :3], [[0, -1.25, 0], [0.8, 0, 0], [0, 0, 2.5]], atol=1e-12)
+
+    image = node.GetImageData()
+    assert image.GetDimensions() == (20, 16, 12)
+    assert image.GetScalarType() == vtk.VTK_SHORT
+    np.testing.assert_array_equal(mrml._array_of_image(image), ct)
+    assert image.GetPointData().GetScalars().GetValue(0) == ct[0, 0, 0]
+
+    display = node.GetDisplayNode()
+    assert display.IsA("vtkMRMLScalarVolumeDisplayNode")
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindow(), display.GetLevel()) == (mrml.CT_LUNG_WINDOW, mrml.CT_LUNG_LEVEL)
+    assert node.GetAttribute(mrml.SYNTHETIC_ATTRIBUTE) == "true"
+
+    again = mrml.volume_node_from_array(scene, ct, GEOMETRY.spacing, GEOMETRY.origin, GEOMETRY.direction, "Synthetic CT")
+    assert again.GetName() != node.GetName()  # unique names in the scene
+
+
+def test_geometry_of_volume_node_inverts_volume_creation(scene):
+    node = mrml.volume_node_from_array(
+        scene, sample_ct(), GEOMETRY.spacing, GEOMETRY.origin, np.reshape(GEOMETRY.direction, (3, 3)), "ct"
+    )
+    geometry = mrml.geometry_of_volume_node(node)
+    assert geometry.shape == GEOMETRY.shape
+    np.testing.assert_allclose(geometry.spacing, GEOMETRY.spacing)
+    np.testing.assert_allclose(geometry.origin, GEOMETRY.origin)
+    np.testing.assert_allclose(geometry.direction, GEOMETRY.direction, atol=1e-12)
+
+
+def test_volume_needs_a_3d_array(scene):
+    with pytest.raises(ValueError, match="3D"):
+        mrml.volume_node_from_array(scene, np.zeros((4, 4)), (1, 1, 1), (0, 0, 0), np.eye(3), "flat")
+
+
+# ---------------------------------------------------------------------------------------
+# Segmentations
+# ---------------------------------------------------------------------------------------
+
+
+def test_segmentation_has_one_segment_per_structure_with_name_color_terminology(scene):
+    labels = sample_labels()
+    volume = mrml.volume_node_from_array(scene, sample_ct(), GEOMETRY.spacing, GEOMETRY.origin, GEOMETRY.direction, "ct")
+    node = mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, LOBES, volume, "anatomy")
+
+    segments = segments_of(node)
+    assert [s.GetName() for s in segments] == [s.display_name for s in LOBES]
+    assert list(node.GetSegmentation().GetSegmentIDs()) == [s.name for s in LOBES]
+    for segment, structure in zip(segments, LOBES, strict=True):
+        np.testing.assert_allclose(segment.GetColor(), structure.color, atol=1e-6)
+        assert terminology_of(segment) == structure.terminology()
+        assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated()
+    assert node.GetAttribute(mrml.SYNTHETIC_ATTRIBUTE) == "true"
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
+
+    # Each segment holds exactly the voxels of its label.
+    for structure in LOBES:
+        image = slicer.vtkOrientedImageData()
+        assert node.GetBinaryLabelmapRepresentation(structure.name, image)
+        mask = mrml._resampled_mask(image, mrml._oriented_image(np.zeros(GEOMETRY.shape, np.uint8), GEOMETRY),
+                                    GEOMETRY, None)
+        np.testing.assert_array_equal(mask, labels == structure.label, err_msg=structure.name)
+
+    # Shown in 3D as closed surfaces (converter rules registered as Slicer does).
+    assert node.GetSegmentation().ContainsRepresentation(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    )
+    assert node.GetDisplayNode().GetVisibility3D()
+    polydata = vtk.vtkPolyData()
+    node.GetClosedSurfaceRepresentation("left_upper_lobe", polydata)
+    assert polydata.GetNumberOfPoints() > 0
+
+
+def test_segmentation_keeps_empty_structures_and_works_without_reference_volume(scene):
+    labels = np.zeros(GEOMETRY.shape, np.uint8)
+    labels[2:5, 2:5, 2:5] = STRUCTURES["airway"].label
+    node = mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, "lobes", None, "anatomy", show_3d=False)
+    assert node.GetSegmentation().GetNumberOfSegments() == len(STRUCTURE_SETS["lobes"])
+    assert not node.GetSegmentation().ContainsRepresentation("Closed surface")
+    export = mrml.labels_from_segmentation_node(node)
+    np.testing.assert_array_equal(export.label_map, labels)
+
+
+def test_segmentation_rejects_labels_outside_the_structures_and_wrong_shapes(scene):
+    labels = sample_labels()
+    labels[0, 0, 0] = 99
+    with pytest.raises(ValueError, match="99"):
+        mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, LOBES)
+    with pytest.raises(ValueError, match="shape"):
+        mrml.segmentation_node_from_labels(scene, sample_labels()[:-1], GEOMETRY, LOBES)
+
+
+def test_lung_structure_set_merges_lobes_into_lungs(scene):
+    labels = sample_labels()
+    node = mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, "lungs", None, "lungs", show_3d=False)
+    assert [s.GetName() for s in segments_of(node)] == ["left lung", "right lung", "airway", "vessels"]
+    export = mrml.labels_from_segmentation_node(node, GEOMETRY)
+    expected = np.zeros_like(labels)
+    expected[np.isin(labels, [1, 2])] = STRUCTURES["left_lung"].label
+    expected[np.isin(labels, [3, 4, 5])] = STRUCTURES["right_lung"].label
+    expected[labels == 6] = 6
+    expected[labels == 7] = 7
+    np.testing.assert_array_equal(export.label_map, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Segmentation -> label map (conditioning)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reference_kind", ["volume", "geometry", "own"])
+def test_labels_round_trip_through_a_segmentation_node(scene, reference_kind):
+    labels = sample_labels()
+    volume = mrml.volume_node_from_array(scene, sample_ct(), GEOMETRY.spacing, GEOMETRY.origin, GEOMETRY.direction, "ct")
+    node = mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, LOBES, volume, "anatomy", show_3d=False)
+    reference = {"volume": volume, "geometry": GEOMETRY, "own": None}[reference_kind]
+
+    export = mrml.labels_from_segmentation_node(node, reference)
+
+    assert export.label_map.dtype == np.uint8
+    np.testing.assert_array_equal(export.label_map, labels)
+    assert export.geometry.shape == GEOMETRY.shape
+    np.testing.assert_allclose(export.geometry.origin, GEOMETRY.origin, atol=1e-9)
+    np.testing.assert_allclose(export.geometry.spacing, GEOMETRY.spacing, atol=1e-9)
+    np.testing.assert_allclose(export.geometry.direction, GEOMETRY.direction, atol=1e-9)
+    assert export.used == {s.display_name: s.name for s in LOBES}
+    assert export.ignored == ()
+
+
+def test_labels_export_onto_a_sub_grid_and_to_a_file(scene, tmp_path):
+    labels = sample_labels()
+    node = mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, LOBES, None, "anatomy", show_3d=False)
+    # A reference grid covering voxels [2:10, 3:13, 4:18] of the original.
+    full = sitk_image(np.zeros(GEOMETRY.shape, np.uint8), GEOMETRY)
+    sub = Geometry((8, 10, 14), GEOMETRY.spacing, full.TransformIndexToPhysicalPoint((4, 3, 2)), GEOMETRY.direction)
+
+    export = mrml.labels_from_segmentation_node(node, sub)
+    np.testing.assert_array_equal(export.label_map, labels[2:10, 3:13, 4:18])
+
+    written = sitk.ReadImage(str(export.write(tmp_path / "anatomy.nii.gz")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), labels[2:10, 3:13, 4:18])
+    np.testing.assert_allclose(written.GetOrigin(), sub.origin, atol=1e-4)
+    np.testing.assert_allclose(written.GetDirection(), sub.direction, atol=1e-6)
+
+
+def test_labels_export_applies_the_parent_transform(scene):
+    labels = sample_labels()
+    node = mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, LOBES, None, "anatomy", show_3d=False)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(2, 3, 2 * GEOMETRY.spacing[2])  # two slices towards superior
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+
+    export = mrml.labels_from_segmentation_node(node, GEOMETRY)
+    np.testing.assert_array_equal(export.label_map[2:], labels[:-2])
+    assert not export.label_map[:2].any()
+
+
+@pytest.mark.parametrize(
+    ("name", "structure"),
+    [
+        ("left upper lobe", "left_upper_lobe"),
+        ("Left Upper Lobe", "left_upper_lobe"),
+        ("left_upper_lobe", "left_upper_lobe"),
+        ("lung_upper_lobe_left", "left_upper_lobe"),  # TotalSegmentator
+        ("Left upper lobe of lung", "left_upper_lobe"),
+        ("LUL", "left_upper_lobe"),
+        ("lung_lower_lobe_left", "left_lower_lobe"),
+        ("lung_upper_lobe_right", "right_upper_lobe"),
+        ("lung_middle_lobe_right", "right_middle_lobe"),
+        ("Right-Middle-Lobe", "right_middle_lobe"),
+        ("lung_lower_lobe_right", "right_lower_lobe"),
+        ("lung_trachea_bronchia", "airway"),  # TotalSegmentator lung_vessels task
+        ("Airways", "airway"),
+        ("lung_vessels", "vessels"),  # TotalSegmentator lung_vessels task
+        ("Pulmonary vessels", "vessels"),
+        ("left lung", "left_lung"),
+        ("lung_left", "left_lung"),
+        ("Right Lung", "right_lung"),
+        ("lung", None),
+        ("liver", None),
+        ("Segment_1", None),
+        ("upper lobe", None),
+        ("", None),
+    ],
+)
+def test_segments_map_to_structures_by_name(name, structure):
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    assert mrml.structure_for_segment(segment) == structure
+
+
+def test_terminology_comes_before_the_name():
+    segment = slicer.vtkSegment()
+    segment.SetName("left upper lobe")
+    segment.SetTag(mrml.TERMINOLOGY_TAG, mrml.terminology_string(STRUCTURES["right_lower_lobe"]))
+    assert mrml.structure_for_segment(segment) == "right_lower_lobe"
+
+    unnamed = slicer.vtkSegment()
+    unnamed.SetName("Segment_1")
+    unnamed.SetTag(mrml.TERMINOLOGY_TAG, mrml.terminology_string(STRUCTURES["left_lung"]))
+    assert mrml.structure_for_segment(unnamed) == "left_lung"
+
+    # A lung without a side in its terminology is ambiguous: the name decides.
+    generic = slicer.vtkSegment()
+    generic.SetName("lung_right")
+    generic.SetTag(mrml.TERMINOLOGY_TAG, slicerio_segmentation.terminology_entry_to_string({
+        "contextName": "x", "category": ["SCT", "123037004", "Anatomical Structure"],
+        "type": ["SCT", "39607008", "Lung"],
+    }))
+    assert mrml.structure_for_segment(generic) == "right_lung"
+
+    broken = slicer.vtkSegment()
+    broken.SetName("vessels")
+    broken.SetTag(mrml.TERMINOLOGY_TAG, "not a terminology")
+    assert mrml.structure_for_segment(broken) == "vessels"
+
+
+def test_totalsegmentator_style_segmentation_exports(scene):
+    labels = sample_labels()
+    node = empty_segmentation(scene)
+    names = {
+        "lung_upper_lobe_left": 1, "lung_lower_lobe_left": 2, "lung_upper_lobe_right": 3,
+        "lung_middle_lobe_right": 4, "lung_lower_lobe_right": 5, "lung_trachea_bronchia": 6, "lung_vessels": 7,
+    }  # fmt: skip
+    for name, label in names.items():
+        add_segment(node, name, labels == label, GEOMETRY)
+    add_segment(node, "liver", labels == 0, GEOMETRY)  # a segment MedSyn has no use for
+
+    export = mrml.labels_from_segmentation_node(node)
+    np.testing.assert_array_equal(export.label_map, labels)
+    assert export.ignored == ("liver",)
+    assert export.used["lung_vessels"] == "vessels"
+
+
+def test_segments_of_one_structure_are_merged_and_thin_structures_win(scene):
+    node = empty_segmentation(scene)
+    a = np.zeros(GEOMETRY.shape, bool)
+    a[1:4, 1:4, 1:4] = True
+    b = np.zeros(GEOMETRY.shape, bool)
+    b[6:9, 6:9, 6:9] = True
+    vessel = np.zeros(GEOMETRY.shape, bool)
+    vessel[2, 2, :] = True
+    add_segment(node, "left lung", a, GEOMETRY)
+    add_segment(node, "Segment_2", b, GEOMETRY, STRUCTURES["left_lung"].terminology())
+    add_segment(node, "vessels", vessel, GEOMETRY)
+
+    labels = mrml.labels_from_segmentation_node(node).label_map
+    assert set(np.unique(labels[a | b])) == {8, 7}
+    assert (labels[vessel] == 7).all()
+    assert ((labels == 8) == ((a | b) & ~vessel)).all()
+
+
+def test_unusable_segmentations_raise_clear_errors(scene):
+    node = empty_segmentation(scene)
+    with pytest.raises(ValueError, match="no segment"):
+        mrml.labels_from_segmentation_node(node)
+    add_segment(node, "liver", sample_labels() > 0, GEOMETRY)
+    add_segment(node, "spleen", sample_labels() > 3, GEOMETRY)
+    with pytest.raises(ValueError, match=r"no segment .* matches.*liver.*spleen"):
+        mrml.labels_from_segmentation_node(node)
+    add_segment(node, "left upper lobe", np.zeros(GEOMETRY.shape, bool), GEOMETRY)
+    with pytest.raises(ValueError, match="empty"):
+        mrml.labels_from_segmentation_node(node)
+
+
+# ---------------------------------------------------------------------------------------
+# Subject hierarchy
+# ---------------------------------------------------------------------------------------
+
+
+def test_volume_and_segmentation_share_one_folder_with_the_report(scene):
+    volume = mrml.volume_node_from_array(scene, sample_ct(), GEOMETRY.spacing, GEOMETRY.origin, GEOMETRY.direction, "ct")
+    segmentation = mrml.segmentation_node_from_labels(scene, sample_labels(), GEOMETRY, LOBES, volume, "seg",
+                                                      show_3d=False)
+    report = "Severe emphysema in both upper lobes."
+    folder = mrml.place_in_subject_hierarchy(scene, volume, segmentation, "MedSyn synthetic: test", report,
+                                             {"seed": 3, "steps": 2})
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    assert sh.GetItemName(folder) == "MedSyn synthetic: test"
+    assert sh.GetItemParent(folder) == sh.GetSceneItemID()
+    children = vtk.vtkIdList()
+    sh.GetItemChildren(folder, children)
+    assert [sh.GetItemDataNode(children.GetId(i)) for i in range(children.GetNumberOfIds())] == [volume, segmentation]
+    assert sh.GetItemAttribute(folder, mrml.REPORT_ATTRIBUTE) == report
+    assert sh.GetItemAttribute(folder, mrml.SYNTHETIC_ATTRIBUTE) == "true"
+    assert json.loads(sh.GetItemAttribute(folder, mrml.PARAMETERS_ATTRIBUTE)) == {"seed": 3, "steps": 2}
+    assert volume.GetAttribute(mrml.REPORT_ATTRIBUTE) == report
+
+    # Nodes that already have items (as in Slicer) are moved, not duplicated.
+    other = mrml.place_in_subject_hierarchy(scene, volume, None, "second", report, {})
+    assert sh.GetItemParent(sh.GetItemByDataNode(volume)) == other
+    assert sh.GetItemParent(sh.GetItemByDataNode(segmentation)) == folder
+
+
+def test_result_names_use_the_report_and_seed():
+    volume, segmentation, folder = mrml.result_names("Severe centrilobular emphysema, both upper lobes.", 42)
+    assert volume == "Synthetic CT: Severe centrilobular emphysema both (seed 42)"  # at most 40 characters
+    assert segmentation.startswith("Synthetic anatomy: Severe") and segmentation.endswith("(seed 42)")
+    assert folder.startswith("MedSyn synthetic: ")
+    assert mrml.result_names("   ", 1)[0] == "Synthetic CT: report (seed 1)"
+
+
+# ---------------------------------------------------------------------------------------
+# MRML storage round trip into a fresh scene
+# ---------------------------------------------------------------------------------------
+
+
+def test_storage_round_trip_into_a_fresh_scene(scene, tmp_path):
+    labels, ct = sample_labels(), sample_ct()
+    volume = mrml.volume_node_from_array(scene, ct, GEOMETRY.spacing, GEOMETRY.origin, GEOMETRY.direction, "ct")
+    segmentation = mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, LOBES, volume, "seg")
+    for node, storage_class, name in (
+        (volume, "vtkMRMLVolumeArchetypeStorageNode", "ct.nrrd"),
+        (segmentation, "vtkMRMLSegmentationStorageNode", "anatomy.seg.nrrd"),
+    ):
+        storage = scene.AddNewNodeByClass(storage_class)
+        storage.SetFileName(str(tmp_path / name))
+        assert storage.WriteData(node), name
+
+    fresh = slicer.vtkMRMLScene()
+    volume2 = fresh.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    reader = fresh.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    reader.SetFileName(str(tmp_path / "ct.nrrd"))
+    assert reader.ReadData(volume2)
+    segmentation2 = fresh.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    reader = fresh.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(tmp_path / "anatomy.seg.nrrd"))
+    assert reader.ReadData(segmentation2)
+
+    np.testing.assert_allclose(matrix_of(volume2), matrix_of(volume), atol=1e-9)
+    np.testing.assert_array_equal(mrml._array_of_image(volume2.GetImageData()), ct)
+    for before, after in zip(segments_of(segmentation), segments_of(segmentation2), strict=True):
+        assert after.GetName() == before.GetName()
+        np.testing.assert_allclose(after.GetColor(), before.GetColor(), atol=1e-6)
+        assert terminology_of(after) == terminology_of(before)
+    np.testing.assert_array_equal(mrml.labels_from_segmentation_node(segmentation2, volume2).label_map, labels)
+
+    # Read independently of MRML: slicerio sees what anatomy.py defines.
+    stored = slicerio_segmentation.read_segmentation(str(tmp_path / "anatomy.seg.nrrd"))
+    for segment, structure in zip(stored["segments"], LOBES, strict=True):
+        assert segment["name"] == structure.display_name
+        assert segment["terminology"] == structure.terminology()
+        np.testing.assert_allclose(segment["color"], structure.color, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Whole result folders
+# ---------------------------------------------------------------------------------------
+
+REPORT = "Severe centrilobular emphysema in both upper lobes."
+
+
+def write_result(folder: Path, *, geometry=GEOMETRY, labels=None, metadata=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = sample_labels(geometry.shape) if labels is None else labels
+    sitk.WriteImage(geometry.image(sample_ct(geometry.shape)), str(folder / "ct.nii.gz"))
+    sitk.WriteImage(geometry.image(labels), str(folder / "anatomy.nii.gz"))
+    metadata = metadata or {
+        "report": REPORT, "seed": 42, "model": "tiny", "steps": {"stage1": 2, "stage2": 2}, "guidance": 3.0,
+        "synthetic": True, "structures": list(STRUCTURE_SETS["lobes"]), "timings": {"total_s": 1.0},
+        "versions": {"medsyn": "0.1.0"},
+    }  # fmt: skip
+    (folder / "generation.json").write_text(json.dumps(metadata), encoding="utf-8")
+    return folder
+
+
+def test_load_generation_result_builds_marked_nodes(scene, tmp_path):
+    result = mrml.load_generation_result(scene, write_result(tmp_path / "result"), parameters={"device": "cpu"})
+
+    volume, segmentation = result.volume_node, result.segmentation_node
+    assert volume.GetName() == "Synthetic CT: Severe centrilobular emphysema in both (seed 42)"
+    assert segmentation.GetName() == "Synthetic anatomy: Severe centrilobular emphysema in both (seed 42)"
+    ct_file = sitk.ReadImage(str(tmp_path / "result" / "ct.nii.gz"))
+    for index in [(0, 0, 0), (19, 15, 11), (5, 7, 3)]:
+        ras = (matrix_of(volume) @ np.array([*index, 1.0]))[:3]
+        np.testing.assert_allclose(ras, ras_of_index(ct_file, index), atol=1e-4)
+    np.testing.assert_array_equal(mrml._array_of_image(volume.GetImageData()), sitk.GetArrayFromImage(ct_file))
+    np.testing.assert_array_equal(mrml.labels_from_segmentation_node(segmentation, volume).label_map, sample_labels())
+    assert [s.GetName() for s in segments_of(segmentation)] == [s.display_name for s in LOBES]
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    folder = result.folder_item
+    assert sh.GetItemName(folder) == "MedSyn synthetic: Severe centrilobular emphysema in both (seed 42)"
+    assert sh.GetItemParent(sh.GetItemByDataNode(volume)) == folder
+    assert sh.GetItemParent(sh.GetItemByDataNode(segmentation)) == folder
+    assert sh.GetItemAttribute(folder, mrml.REPORT_ATTRIBUTE) == REPORT
+    recorded = json.loads(sh.GetItemAttribute(folder, mrml.PARAMETERS_ATTRIBUTE))
+    assert recorded["seed"] == 42 and recorded["synthetic"] is True and recorded["request"] == {"device": "cpu"}
+    assert result.metadata["report"] == REPORT
+
+
+def test_load_lung_level_result_accepts_lobe_labels(scene, tmp_path):
+    metadata = {"report": "x", "seed": 1, "structures": list(STRUCTURE_SETS["lungs"])}
+    result = mrml.load_generation_result(scene, write_result(tmp_path / "r", metadata=metadata), show_3d=False)
+    assert [s.GetName() for s in segments_of(result.segmentation_node)] == ["left lung", "right lung", "airway", "vessels"]
+
+
+def _drop(name):
+    def damage(folder: Path):
+        (folder / name).unlink()
+
+    return damage
+
+
+def _write(name, content: bytes):
+    def damage(folder: Path):
+        (folder / name).write_bytes(content)
+
+    return damage
+
+
+def _metadata(**changes):
+    def damage(folder: Path):
+        metadata = json.loads((folder / "generation.json").read_text())
+        metadata.update(changes)
+        metadata = {k: v for k, v in metadata.items() if v is not None}
+        (folder / "generation.json").write_text(json.dumps(metadata))
+
+    return damage
+
+
+def _other_anatomy_grid(folder: Path):
+    moved = Geometry(GEOMETRY.shape, GEOMETRY.spacing, (0.0, 0.0, 0.0), GEOMETRY.direction)
+    sitk.WriteImage(moved.image(sample_labels()), str(folder / "anatomy.nii.gz"))
+
+
+def _foreign_label(folder: Path):
+    labels = sample_labels()
+    labels[0, 0, 0] = 42
+    sitk.WriteImage(GEOMETRY.image(labels), str(folder / "anatomy.nii.gz"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop("ct.nii.gz"), "lacks ct.nii.gz"),
+        (_drop("anatomy.nii.gz"), "lacks anatomy.nii.gz"),
+        (_drop("generation.json"), "lacks generation.json"),
+        (_write("generation.json", b'{"report": "x", "seed": '), "not valid JSON"),
+        (_write("generation.json", b"[1, 2]"), "JSON object"),
+        (_write("generation.json", b"\xff\xfe\x00garbage"), "not valid JSON"),
+        (_write("ct.nii.gz", b"this is not a NIfTI file"), "cannot read"),
+        (_metadata(structures=None), "structures"),
+        (_metadata(seed=None), "seed"),
+        (_metadata(structures=["left_upper_lobe", "spleen"]), "spleen"),
+        (_other_anatomy_grid, "not on the grid"),
+        (_foreign_label, "42"),
+    ],
+)
+def test_broken_result_folder_raises_and_leaves_the_scene_alone(scene, tmp_path, damage, message):
+    mrml.volume_node_from_array(scene, sample_ct(), GEOMETRY.spacing, GEOMETRY.origin, GEOMETRY.direction, "existing")
+    before_items = sh_item_count(scene)  # (makes the subject hierarchy node, as Slicer always has one)
+    before_nodes = node_classes(scene)
+    folder = write_result(tmp_path / "result")
+    damage(folder)
+    with pytest.raises(mrml.GenerationResultError, match=message):
+        mrml.load_generation_result(scene, folder)
+    assert node_classes(scene) == before_nodes
+    assert sh_item_count(scene) == before_items
+
+
+def test_missing_result_folder_raises(scene, tmp_path):
+    with pytest.raises(mrml.GenerationResultError, match="no result folder"):
+        mrml.load_generation_result(scene, tmp_path / "nothing")
+    assert scene.GetNumberOfNodes() == 0
+
+
+def test_failure_while_building_nodes_removes_the_nodes_made_so_far(scene, tmp_path, monkeypatch):
+    before_items = sh_item_count(scene)
+    before_nodes = node_classes(scene)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory while building segments")
+
+    monkeypatch.setattr(mrml, "segmentation_node_from_labels", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        mrml.load_generation_result(scene, write_result(tmp_path / "result"))
+    assert node_classes(scene) == before_nodes
+    assert sh_item_count(scene) == before_items
+
+
+# ---------------------------------------------------------------------------------------
+# A whole generation: process -> result folder -> nodes (stand-in generator)
+# ---------------------------------------------------------------------------------------
+
+
+def test_run_generation_end_to_end_with_a_stand_in_generator(scene, tmp_path):
+    calls, events = [], []
+    request = GenerationRequest(REPORT, seed=9, steps=2, model_dir=str(tmp_path))
+    result = runner.run_generation(
+        scene, request, launcher=fake_launcher(write_fake_generator(tmp_path), calls), on_event=events.append
+    )
+    assert events[-1].kind.value == "done"
+    assert result.volume_node.GetScene() is scene and result.segmentation_node.GetScene() is scene
+    assert result.volume_node.GetName().endswith("(seed 9)")
+    assert result.segmentation_node.GetSegmentation().GetNumberOfSegments() == 7
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    recorded = json.loads(sh.GetItemAttribute(result.folder_item, mrml.PARAMETERS_ATTRIBUTE))
+    assert recorded["request"]["seed"] == 9 and recorded["request"]["model"] == str(tmp_path)
+    work_dir = Path(calls[0]["args"][calls[0]["args"].index("--out") + 1]).parent
+    assert not work_dir.exists()  # the work folder is cleaned up
+
+
+def test_run_generation_conditioned_on_a_segmentation(scene, tmp_path):
+    labels = sample_labels()
+    user = mrml.segmentation_node_from_labels(scene, labels, GEOMETRY, LOBES, None, "user anatomy", show_3d=False)
+    calls = []
+    result = runner.run_generation(
+        scene, GenerationRequest(REPORT, seed=3, model_dir=str(tmp_path)), conditioning_segmentation=user,
+        launcher=fake_launcher(write_fake_generator(tmp_path), calls), show_3d=False,
+    )
+    assert "--anatomy" in calls[0]["args"]
+    # The stand-in returns its results on the grid of the --anatomy file, as the library does.
+    np.testing.assert_allclose(matrix_of(result.volume_node), mrml.ijk_to_ras(GEOMETRY), atol=1e-4)
+    exported = mrml.labels_from_segmentation_node(result.segmentation_node, result.volume_node)
+    np.testing.assert_array_equal(exported.label_map, labels)
+
+
+@pytest.mark.parametrize(("mode", "message"), [("error", "the report is too short"), ("crash", "exit code 1")])
+def test_failed_generation_adds_nothing(scene, tmp_path, mode, message):
+    before = node_classes(scene)
+    with pytest.raises(runner.GenerationFailed, match=message):
+        runner.run_generation(scene, GenerationRequest(REPORT, seed=3, model_dir=str(tmp_path)),
+                              launcher=fake_launcher(write_fake_generator(tmp_path), mode=mode))
+    assert node_classes(scene) == before
+
+
+def test_unusable_conditioning_fails_before_any_process(scene, tmp_path):
+    node = empty_segmentation(scene)
+    add_segment(node, "liver", sample_labels() > 0, GEOMETRY)
+    calls = []
+    with pytest.raises(ValueError, match="no segment"):
+        runner.run_generation(scene, GenerationRequest(REPORT, seed=3, model_dir=str(tmp_path)),
+                              conditioning_segmentation=node, launcher=fake_launcher(Path("unused"), calls))
+    assert calls == []
+
+
+MEDSYN_CLI_PRESENT = all(
+    importlib.util.find_spec(name) is not None for name in ("torch", "MedSynLib.generate", "MedSynLib.init_model")
+)
+
+
+@pytest.mark.skipif(not MEDSYN_CLI_PRESENT, reason="needs torch and MedSynLib.generate / MedSynLib.init_model")
+def test_run_generation_with_the_real_library_and_a_tiny_model(scene, tmp_path):
+    from MedSynSlicerLib import job
+
+    model = tmp_path / "tiny-model"
+    subprocess.run(
+        [sys.executable, "-m", "MedSynLib.init_model", "--preset", "tiny", "--out", str(model)],
+        check=True, cwd=str(job.library_root()), env={**os.environ, **job.child_environment()},
+        capture_output=True, text=True, timeout=300,
+    )
+    events = []
+    result = runner.run_generation(
+        scene, GenerationRequest(REPORT, seed=5, steps=2, model_dir=str(model), device="cpu"),
+        python_executable=sys.executable, on_event=events.append, show_3d=False,
+    )
+    kinds = {e.kind.value for e in events}
+    assert {"progress", "done"} <= kinds, [e.describe() for e in events]
+    ct = mrml._array_of_image(result.volume_node.GetImageData())
+    assert ct.ndim == 3 and ct.min() >= -1024 and ct.max() <= 600
+    assert result.segmentation_node.GetSegmentation().GetNumberOfSegments() >= 1
+    assert result.volume_node.GetAttribute(mrml.SYNTHETIC_ATTRIBUTE) == "true"
