@@ -13,7 +13,7 @@ from pathlib import Path
 from .anatomy import STRUCTURE_SETS
 from .errors import run_command
 from .presets import PRESETS, build_pipeline
-from .text_encoder import EMBEDDED_ENCODER, TextEncoderConfig, encoder_hidden_size
+from .text_encoder import TextEncoderConfig, encoder_hidden_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--structures", default="lobes", help=f"one of {sorted(STRUCTURE_SETS)} or names joined by ','")
     parser.add_argument("--channel-encoding", choices=["binary", "reference"], default="binary")
-    parser.add_argument("--text-encoder", default=EMBEDDED_ENCODER, help="hub id or folder of a Hugging Face encoder")
+    parser.add_argument("--text-encoder", default=None,
+                        help="'embedded' (offline MiniLM), 'reference' (CXR-BERT, needs the hub), a hub id or a folder; "
+                             "default: reference for the paper preset, embedded otherwise")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    text_encoder = TextEncoderConfig(args.text_encoder)
+    text_encoder = TextEncoderConfig.named(args.text_encoder or ("reference" if args.preset == "paper" else "embedded"))
     pipeline = build_pipeline(
         args.preset, structures=args.structures, channel_encoding=args.channel_encoding,
         text_encoder=text_encoder, text_dim=encoder_hidden_size(text_encoder), seed=args.seed,

@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low-size", type=int, default=64, help="stage-1 grid size")
     parser.add_argument("--margin-mm", type=float, default=15.0, help="margin around the lungs")
     parser.add_argument("--workers", type=int, default=1, help="cases processed in parallel")
-    parser.add_argument("--text-encoder", default=EMBEDDED_ENCODER, help="Hugging Face id or folder of the report encoder")
+    parser.add_argument("--text-encoder", default="embedded",
+                        help="'embedded' (offline MiniLM, default), 'reference' (CXR-BERT as in the paper; needs the "
+                             "hub), a Hugging Face id or a folder")
     parser.add_argument("--from-ct-rate", nargs=2, type=Path, metavar=("REPORTS_CSV", "VOLUMES_DIR"),
                         help="write a manifest for CT-RATE-style data (with --write-manifest) and stop")
     parser.add_argument("--write-manifest", type=Path, help="where --from-ct-rate writes the manifest")
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         raise MedSynError("--manifest and --out are required")
     options = PrepareOptions(args.size, args.low_size, args.margin_mm, args.segmenter, args.structures)
     summary = prepare(args.manifest, args.out, options, workers=args.workers,
-                      text_encoder=TextEncoderConfig(args.text_encoder))
+                      text_encoder=TextEncoderConfig.named(args.text_encoder))
     for failure in summary["failed"]:
         print(f"medsyn: case {failure['case_id']} failed: {failure['reason']}", file=sys.stderr)
     print(f"prepared {summary['prepared']} case(s), {len(summary['failed'])} failed; see {args.out / 'failed.json'}",

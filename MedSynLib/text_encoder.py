@@ -40,6 +40,16 @@ class TextEncoderConfig:
     trust_remote_code: bool = False  # CXR-BERT's hub repository ships custom model code
 
 
+    @classmethod
+    def named(cls, name: str, **settings) -> TextEncoderConfig:
+        """A config for a hub id, a folder, or an alias: "embedded" (offline MiniLM) or "reference" (CXR-BERT)."""
+        model = ENCODER_ALIASES.get(name, name)
+        return cls(model=model, trust_remote_code=model == REFERENCE_ENCODER, **settings)
+
+
+ENCODER_ALIASES = {"embedded": EMBEDDED_ENCODER, "reference": REFERENCE_ENCODER}
+
+
 @dataclass
 class TextFeatures:
     features: torch.Tensor  # (batch, max_tokens, hidden), zero where mask is False

@@ -65,3 +65,21 @@ def test_bad_reports_are_rejected(report, message):
 def test_missing_encoder_folder_is_a_clear_error(tmp_path):
     with pytest.raises(MedSynError, match="could not load text encoder"):
         ReportEncoder(TextEncoderConfig(model=str(tmp_path / "nowhere")))
+
+
+def test_aliases_name_the_embedded_and_the_reference_encoder():
+    from MedSynLib.text_encoder import EMBEDDED_ENCODER, REFERENCE_ENCODER
+
+    assert TextEncoderConfig.named("embedded").model == EMBEDDED_ENCODER
+    reference = TextEncoderConfig.named("reference")
+    assert reference.model == REFERENCE_ENCODER and reference.trust_remote_code
+    assert TextEncoderConfig.named("/models/my-bert").model == "/models/my-bert"
+
+
+def test_paper_models_default_to_the_reference_encoder_which_needs_the_hub(tmp_path, capsys):
+    from MedSynLib.errors import run_command
+    from MedSynLib.init_model import main
+
+    assert run_command(main, ["--preset", "paper", "--out", str(tmp_path / "paper")]) == 2
+    assert "BiomedVLP-CXR-BERT-specialized" in capsys.readouterr().err
+    assert not (tmp_path / "paper").exists()
