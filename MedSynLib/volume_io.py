@@ -120,7 +120,7 @@ def software_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from .pipeline import __version__
+    from . import __version__
 
     return {"medsyn": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
