@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +26,13 @@ from .volume_io import check_output_folder, read_anatomy, write_result
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "default"
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m MedSynLib.generate", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -35,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="result folder (created; must be empty or new)")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded model)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="stage-1 sampling steps (default: the model's)")
-    parser.add_argument("--stage2-steps", type=int, default=None, help="stage-2 sampling steps (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="stage-1 sampling steps (default: the model's)")
+    parser.add_argument("--stage2-steps", type=positive_int, default=None,
+                        help="stage-2 sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--sampler", choices=["ddim", "dpm++2m"], default=None)
     parser.add_argument("--anatomy", type=Path, default=None,
@@ -112,13 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         anatomy = {n: resample(m.astype(np.uint8), given_geometry, grid, labels=True).astype(bool)
                    for n, m in given.items()}
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        result = pipeline.generate(
-            report, seed=args.seed, steps=args.steps, stage2_steps=args.stage2_steps, guidance=args.guidance,
-            sampler=args.sampler, anatomy=anatomy, geometry=grid, device=device, dtype=args.dtype, tiling=tiling,
-            progress=progress,
-        )
+    result = pipeline.generate(
+        report, seed=args.seed, steps=args.steps, stage2_steps=args.stage2_steps, guidance=args.guidance,
+        sampler=args.sampler, anatomy=anatomy, geometry=grid, device=device, dtype=args.dtype, tiling=tiling,
+        progress=progress,
+    )
     if given_geometry is not None:
         result = back_to_grid(result, given_geometry)
 

@@ -159,6 +159,13 @@ def test_non_empty_or_unwritable_output_is_refused(tiny_model_dir, tmp_path, cap
     assert "cannot write" in capsys.readouterr().err
 
 
+def test_step_counts_must_be_positive(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate("--model", tiny_model_dir, "--report", REPORT, "--out", tmp_path / "x", "--steps", "-3")
+    assert exit_info.value.code == 2 and "at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_module_runs_as_a_command_and_reports_errors_without_traceback(tiny_model_dir, tmp_path):
     command = [sys.executable, "-m", "MedSynLib.generate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")]
     done = subprocess.run(command + ["--report", ""], capture_output=True, text=True, timeout=120)
