@@ -281,6 +281,8 @@ def prepare(manifest: Path, out: Path, options: PrepareOptions, *, workers: int 
     """Prepare every case of the manifest into `out`; returns the summary also written to failed.json."""
     from .segmentation import SEGMENTER_STRUCTURE_SETS
 
+    if min(options.size, options.low_size) < MIN_SIZE:
+        raise MedSynError(f"grid sizes must be at least {MIN_SIZE}, got {options.size} and {options.low_size}")
     if options.size % options.low_size:
         raise MedSynError(f"size {options.size} must be a multiple of low_size {options.low_size}")
     structure_set = options.structures or SEGMENTER_STRUCTURE_SETS.get(options.segmenter, "")
