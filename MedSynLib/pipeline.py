@@ -4,6 +4,8 @@ A model is a folder (see `save_pretrained`):
     model_index.json                 ModelConfig + library version
     stage1/config.json, model.safetensors   text-conditioned 64^3 generator
     stage2/config.json, model.safetensors   super-resolution to the output size
+      (config.json's "architecture": "medsyn" = our UNet3D, "reference" = the reference's
+       layout, see reference_networks.py and convert.py)
     text_encoder/medsyn_text_encoder.json   which report encoder (and its settings)
 """
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from .anatomy import masks_to_label_map
 from .channels import ChannelLayout, masks_to_numpy
 from .configuration import config_from_dict, config_to_dict, publish, read_json, write_json
@@ -28,10 +31,10 @@ from .errors import MedSynError
 from .geometry import Geometry
 from .inferers import Tiling, apply_network
 from .networks import UNet3D, UNet3DConfig
+from .reference_networks import ReferenceUNet3D, ReferenceUNetConfig
 from .samplers import classifier_free_guidance, denoise_loop, make_sampler
 from .text_encoder import ReportEncoder, TextEncoderConfig, check_report
 
-__version__ = "0.1.0"
 MODEL_INDEX = "model_index.json"
 WEIGHTS = "model.safetensors"
 TEXT_ENCODER_CONFIG = "medsyn_text_encoder.json"
@@ -39,12 +42,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 ProgressCallback = Callable[[str, int, int], None]
 
+# architecture name -> (network config class, network class)
+ARCHITECTURES = {"medsyn": (UNet3DConfig, UNet3D), "reference": (ReferenceUNetConfig, ReferenceUNet3D)}
+
 
 @dataclass(frozen=True)
 class StageConfig:
-    network: UNet3DConfig
+    network: UNet3DConfig  # a ReferenceUNetConfig when architecture == "reference"
     diffusion: DiffusionConfig
     size: int  # the stage's cube side, in voxels
+    architecture: str = "medsyn"  # "reference": the reference implementation's layout (released checkpoints)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
+        if not isinstance(self.network, ARCHITECTURES[self.architecture][0]):
+            raise ValueError(f"the {self.architecture!r} architecture needs a {ARCHITECTURES[self.architecture][0].__name__}")
+
+    def build_network(self) -> UNet3D | ReferenceUNet3D:
+        return ARCHITECTURES[self.architecture][1](self.network)
 
 
 @dataclass(frozen=True)
@@ -85,9 +101,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def stage_config_from_dict(data: dict, *, source: str) -> StageConfig:
+    """A StageConfig whose network config class follows its `architecture` (default "medsyn")."""
+    architecture = data.get("architecture", "medsyn")
+    if architecture not in ARCHITECTURES:
+        raise MedSynError(f"{source}: architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+    network = data.get("network")
+    if isinstance(network, dict):
+        network = config_from_dict(ARCHITECTURES[architecture][0], network, source=f"{source}.network")
+    return config_from_dict(StageConfig, {**data, "network": network}, source=source)
+
+
 def _load_stage(folder: Path) -> tuple[StageConfig, UNet3D]:
-    config = config_from_dict(StageConfig, read_json(folder / "config.json"), source=str(folder / "config.json"))
-    network = UNet3D(config.network)
+    config = stage_config_from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
+    network = config.build_network()
     weights_path = folder / WEIGHTS
     if not weights_path.is_file():
         raise MedSynError(f"missing weights {weights_path}")
@@ -110,7 +137,14 @@ def _save_stage(folder: Path, config: StageConfig, network: UNet3D) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", config_to_dict(config))
     tmp = folder / f".{WEIGHTS}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, tmp)
+    tensors, seen = {}, set()
+    for name, value in network.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        if value.data_ptr() in seen:  # shared weights (the reference's middle attention): safetensors wants copies
+            value = value.clone()
+        seen.add(value.data_ptr())
+        tensors[name] = value
+    save_file(tensors, tmp)
     publish(tmp, folder / WEIGHTS)
 
 

@@ -46,6 +46,7 @@ from .pipeline import (
     StageConfig,
     resolve_device,
     run_sampler,
+    stage_config_from_dict,
     super_resolution_output,
     text_guided_output,
 )
@@ -452,8 +453,8 @@ def export(runs: list[Path], out: Path) -> Path:
         checkpoints = sorted((run / "checkpoints").glob("step_*"))
         if not checkpoints:
             raise MedSynError(f"{run} has no checkpoint to export")
-        config = config_from_dict(StageConfig, info["stage_config"], source=str(run / "run.json"))
-        network = UNet3D(config.network)
+        config = stage_config_from_dict(info["stage_config"], source=str(run / "run.json"))
+        network = config.build_network()
         try:
             network.load_state_dict(load_file(checkpoints[-1] / "ema.safetensors"))
         except (OSError, SafetensorError, RuntimeError) as error:

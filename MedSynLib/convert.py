@@ -1,0 +1,275 @@
+"""Import the reference implementation's released checkpoints into a MedSyn model folder.
+
+    python -m MedSynLib.convert reference --stage1 PATH --stage2 PATH \\
+        [--text-encoder DIR|reference|embedded] [--weights ema|model] --out MODEL_DIR
+
+PATH is a state dict (`.bin` / `.pt` / `.pth` / `.ckpt` pickle, or `.safetensors`) or an
+`accelerate` checkpoint folder (`save_state`): the reference's trainers prepare the model
+first and the EMA model second, so `pytorch_model.bin` / `model.safetensors` hold the
+trained weights and `pytorch_model_1.bin` / `model_1.safetensors` (or any `ema*` file) the
+EMA. Pickles are read only with `torch.load(weights_only=True)`: a file holding anything
+but tensors and plain containers is refused. Wrapper prefixes (`module.`, `denoise_fn.`,
+`ema_model.`, `model.`, `_orig_mod.`) are stripped and the diffusion wrapper's schedule
+buffers ignored; then every key and shape must match `ReferenceUNet3D`, or the command
+stops (exit 2) naming the missing, unexpected and mis-shaped keys.
+
+The model folder gets the reference's semantics: 4 channels in the "reference" encoding
+(CT, lobe label, airway, vessel) for the "lobes" structures, cosine schedule, x0
+prediction, deterministic DDIM with x0 clipped to [-1, 1], 50 stage-1 and 20 stage-2
+steps, no guidance (the reference samples with cond_scale 1), and the report encoder
+CXR-BERT-specialized (192 tokens): the authors' fine-tuned folder when given (copied into
+`text_encoder/`), else the hub id with trust_remote_code.
+
+Known differences to the reference's sampling loop: it evaluates the network at 51 times
+(t = 1000, 980, ..., 0, the last at t = 0); our DDIM takes 50 evaluations and returns the
+x0 predicted at t = 1/50. Its text features were saved by a notebook whose padding of the
+192 tokens we did not verify; our encoder zeroes padded tokens, the network attends to all 192.
+
+Orientation. The reference writes the network's (depth, height, width) array with
+`SimpleITK.GetImageFromArray`, so depth becomes the image z axis, height y and width x, with
+unit spacing, zero origin and identity direction; its `postprocess.py` then flips the
+height axis (`np.flip(img, 1)`, i.e. y) before mapping [0, 1] to HU. Volumes were affinely
+registered to an (unpublished) atlas and resized to 256^3, so no physical spacing exists.
+MedSyn decodes the same array as (z, y, x) on a centred grid of 1.25 mm voxels (320 mm
+field of view) and does NOT apply that y flip; whether the reference's y axis runs
+anterior->posterior or the reverse depends on that atlas and is uncertain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .anatomy import STRUCTURE_SETS
+from .configuration import config_from_dict
+from .diffusion import DiffusionConfig
+from .errors import MedSynError, run_command
+from .pipeline import MedSynPipeline, ModelConfig, StageConfig
+from .reference_networks import (
+    ReferenceUNet3D,
+    ReferenceUNetConfig,
+    reference_stage1_config,
+    reference_stage2_config,
+)
+from .text_encoder import TextEncoderConfig, encoder_hidden_size
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "denoise_fn.", "ema_model.", "model.")
+# Buffers of the reference's GaussianDiffusion wrapper and of EMA helpers: not network weights.
+IGNORED_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "initted", "step",
+})
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# In a checkpoint dict that is not itself a state dict, where each kind of weights lives.
+NESTED_KEYS = {"ema": ("ema", "ema_model", "ema_state_dict"), "model": ("model", "state_dict", "model_state_dict")}
+WEIGHT_CHOICES = ("ema", "model")
+
+
+def find_weight_file(folder: Path, weights: str) -> Path:
+    """The model or EMA weights inside an accelerate checkpoint folder."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((*PICKLE_SUFFIXES, ".safetensors")))
+    if weights == "ema":
+        candidates = [p for p in files if p.name.startswith("ema")]
+        candidates += [p for p in files if p.name in ("pytorch_model_1.bin", "model_1.safetensors")]
+    else:
+        candidates = [p for p in files if p.name in ("pytorch_model.bin", "model.safetensors")]
+    if not candidates:
+        raise MedSynError(
+            f"no {weights} weights in {folder} (looked for "
+            f"{'ema*, pytorch_model_1.bin, model_1.safetensors' if weights == 'ema' else 'pytorch_model.bin, model.safetensors'}"
+            f"; found {[p.name for p in files] or 'no weight files'}); try --weights {'model' if weights == 'ema' else 'ema'}"
+        )
+    return candidates[0]
+
+
+def read_checkpoint(path: str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a weights file or an accelerate checkpoint folder (pickles: weights_only)."""
+    if weights not in WEIGHT_CHOICES:
+        raise MedSynError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    path = Path(path)
+    if path.is_dir():
+        path = find_weight_file(path, weights)
+    if not path.is_file():
+        raise MedSynError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise MedSynError(f"cannot read {path}: {error}") from error
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MedSynError(f"refusing {path}: it holds objects other than tensors and plain containers ({reason})") from error
+    except (RuntimeError, OSError, EOFError) as error:
+        raise MedSynError(f"cannot read {path}: {str(error).strip().splitlines()[0] if str(error).strip() else error}") from error
+    return _state_dict_of(data, weights, path)
+
+
+def _state_dict_of(data: object, weights: str, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(data, dict):
+        raise MedSynError(f"{path} holds a {type(data).__name__}, not a state dict")
+    if not all(isinstance(v, torch.Tensor) for v in data.values()):
+        nested = [data[k] for k in NESTED_KEYS[weights] if isinstance(data.get(k), dict)]
+        if not nested:
+            raise MedSynError(
+                f"{path} is not a flat state dict and has no {weights} weights under {list(NESTED_KEYS[weights])} "
+                f"(top-level keys: {sorted(map(str, data))[:8]})"
+            )
+        data = nested[0]
+    others = sorted(str(k) for k, v in data.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise MedSynError(f"{path}: entries that are not tensors: {others[:5]}")
+    return dict(data)
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (repeatedly, e.g. `module.denoise_fn.`) and drop non-network buffers."""
+    stripped = {}
+    for key, value in state.items():
+        name = key
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name[next(len(p) for p in WRAPPER_PREFIXES if name.startswith(p)):]
+        if name in IGNORED_KEYS:
+            continue
+        if name in stripped:
+            raise MedSynError(f"two checkpoint entries map to {name!r} once wrapper prefixes are removed")
+        stripped[name] = value
+    return stripped
+
+
+def match_state_dict(network: ReferenceUNet3D, state: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
+    """Check every key and shape against the network; returns float32 tensors in the network's key order."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]})" if mismatched else ""]
+        raise MedSynError(f"{source} does not fit the reference {network.config.variant} network "
+                          f"(dim {network.config.dim}): " + "; ".join(p for p in parts if p))
+    # Weights the reference shares (its middle spatial attention) must agree in every copy.
+    by_parameter: dict[int, str] = {}
+    for name, value in expected.items():
+        first = by_parameter.setdefault(value.data_ptr(), name) if value.numel() else name
+        if first != name and not torch.equal(state[first], state[name]):
+            raise MedSynError(f"{source}: {name} should equal the shared weight {first} but differs")
+    return {k: state[k].float() if state[k].is_floating_point() else state[k] for k in expected}
+
+
+def load_reference_network(path: str | Path, config: ReferenceUNetConfig, weights: str = "ema") -> ReferenceUNet3D:
+    network = ReferenceUNet3D(config)
+    state = match_state_dict(network, strip_prefixes(read_checkpoint(path, weights)), source=str(path))
+    network.load_state_dict(state)
+    return network.eval().requires_grad_(False)
+
+
+def reference_text_encoder(text_encoder: str | Path | None, out: Path, text_dim: int) -> TextEncoderConfig:
+    """The report encoder config; a folder is copied into out/text_encoder and named "."."""
+    if text_encoder is not None and Path(text_encoder).is_dir():
+        source = Path(text_encoder)
+        remote_code = any(source.glob("*.py")) or "auto_map" in json.loads(
+            (source / "config.json").read_text(encoding="utf-8") if (source / "config.json").is_file() else "{}")
+        shutil.copytree(source, out / "text_encoder", dirs_exist_ok=True)
+        config = TextEncoderConfig(model=".", max_tokens=192, trust_remote_code=remote_code)
+        check = TextEncoderConfig(model=str(out / "text_encoder"), trust_remote_code=remote_code)
+    else:
+        config = TextEncoderConfig.named(str(text_encoder or "reference"), max_tokens=192)
+        check = config if config.model.startswith("embedded:") else None  # hub ids may be offline: not checked
+    if check is not None and (hidden := encoder_hidden_size(check)) != text_dim:
+        raise MedSynError(f"text encoder {text_encoder} gives {hidden}-d features but stage 1 expects {text_dim}")
+    return config
+
+
+def convert_reference(
+    stage1: str | Path,
+    stage2: str | Path,
+    out: str | Path,
+    *,
+    text_encoder: str | Path | None = None,
+    weights: str = "ema",
+    stage1_network: ReferenceUNetConfig | None = None,
+    stage2_network: ReferenceUNetConfig | None = None,
+    stage1_size: int = 64,
+    stage2_size: int = 256,
+) -> MedSynPipeline:
+    """Write a model folder from the reference's two checkpoints; returns the pipeline."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MedSynError(f"output {out} exists and is not an empty folder")
+    s1 = StageConfig(stage1_network or reference_stage1_config(),
+                     DiffusionConfig("cosine", "x0", "ddim", num_steps=50, guidance_scale=1.0, clip_x0=True),
+                     stage1_size, architecture="reference")
+    s2 = StageConfig(stage2_network or reference_stage2_config(),
+                     DiffusionConfig("cosine", "x0", "ddim", num_steps=20, guidance_scale=1.0, clip_x0=True),
+                     stage2_size, architecture="reference")
+    networks = load_reference_network(stage1, s1.network, weights), load_reference_network(stage2, s2.network, weights)
+    config = ModelConfig(
+        structures=STRUCTURE_SETS["lobes"],
+        channel_encoding="reference",
+        spacing_mm=(320.0 / stage2_size,) * 3,
+        trained=True,
+        description=f"reference MedSyn checkpoints ({weights} weights) imported from {Path(stage1).name}, {Path(stage2).name}",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        text_config = reference_text_encoder(text_encoder, out, s1.network.text_dim)
+        pipeline = MedSynPipeline(config, (s1, networks[0]), (s2, networks[1]), text_config, source=str(out))
+        pipeline.save_pretrained(out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return pipeline
+
+
+def _network_config(path: str | None, default: ReferenceUNetConfig) -> ReferenceUNetConfig:
+    if path is None:
+        return default
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise MedSynError(f"cannot read network config {path}: {error}") from error
+    return config_from_dict(ReferenceUNetConfig, data, source=str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MedSynLib.convert", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    ref = commands.add_parser("reference", help="import the reference implementation's two checkpoints")
+    ref.add_argument("--stage1", required=True, help="stage-1 weights file or accelerate checkpoint folder")
+    ref.add_argument("--stage2", required=True, help="stage-2 weights file or accelerate checkpoint folder")
+    ref.add_argument("--text-encoder", default=None,
+                     help="fine-tuned CXR-BERT folder (copied in), a hub id, 'reference' (default) or 'embedded'")
+    ref.add_argument("--weights", choices=WEIGHT_CHOICES, default="ema")
+    ref.add_argument("--out", required=True, help="model folder to write (must not exist or be empty)")
+    ref.add_argument("--stage1-config", help="JSON ReferenceUNetConfig (default: the released stage-1 sizes)")
+    ref.add_argument("--stage2-config", help="JSON ReferenceUNetConfig (default: the released stage-2 sizes)")
+    ref.add_argument("--stage1-size", type=int, default=64)
+    ref.add_argument("--stage2-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    pipeline = convert_reference(
+        args.stage1, args.stage2, args.out, text_encoder=args.text_encoder, weights=args.weights,
+        stage1_network=_network_config(args.stage1_config, reference_stage1_config()),
+        stage2_network=_network_config(args.stage2_config, reference_stage2_config()),
+        stage1_size=args.stage1_size, stage2_size=args.stage2_size,
+    )
+    print(f"wrote {args.out}: stage 1 {sum(p.numel() for p in pipeline.stage1.parameters()):,} parameters, "
+          f"stage 2 {sum(p.numel() for p in pipeline.stage2.parameters()):,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))
