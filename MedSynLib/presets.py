@@ -15,11 +15,12 @@ from .networks import UNet3D, UNet3DConfig
 from .pipeline import MedSynPipeline, ModelConfig, StageConfig
 from .text_encoder import EMBEDDED_ENCODER, TextEncoderConfig
 
-# name: (stage-1 network kwargs, stage-1 size, stage-2 network kwargs, stage-2 size, stage-2 default steps)
+# Per preset: network overrides, cube size and default sampling steps of each stage.
 PRESETS: dict[str, dict] = {
     "paper": {
         "stage1": {"dim": 160, "dim_mults": (1, 2, 4, 8), "attn_heads": 8, "attn_head_dim": 32, "num_middle_blocks": 4},
         "stage1_size": 64,
+        "stage1_steps": 50,
         "stage2": {"dim": 56, "dim_mults": (1, 2, 4, 8), "attn_heads": 8, "attn_head_dim": 32, "num_middle_blocks": 1},
         "stage2_size": 256,
         "stage2_steps": 20,
@@ -27,6 +28,7 @@ PRESETS: dict[str, dict] = {
     "small": {
         "stage1": {"dim": 32, "dim_mults": (1, 2, 4), "attn_heads": 4, "attn_head_dim": 32, "num_middle_blocks": 2},
         "stage1_size": 64,
+        "stage1_steps": 50,
         "stage2": {"dim": 16, "dim_mults": (1, 2, 4), "attn_heads": 2, "attn_head_dim": 16, "num_middle_blocks": 1},
         "stage2_size": 128,
         "stage2_steps": 10,
@@ -35,6 +37,7 @@ PRESETS: dict[str, dict] = {
         "stage1": {"dim": 8, "dim_mults": (1, 2), "attn_heads": 2, "attn_head_dim": 8, "num_middle_blocks": 1,
                    "init_kernel": 3},
         "stage1_size": 16,
+        "stage1_steps": 4,
         "stage2": {"dim": 8, "dim_mults": (1, 2), "attn_heads": 2, "attn_head_dim": 8, "num_middle_blocks": 1,
                    "init_kernel": 3},
         "stage2_size": 32,
@@ -52,7 +55,7 @@ def stage_configs(
     stage1 = StageConfig(
         UNet3DConfig(in_channels=channels, out_channels=channels, text_dim=text_dim, text_tokens=text_tokens,
                      **spec["stage1"]),
-        DiffusionConfig(num_steps=stage1_steps or (50 if preset != "tiny" else 4), guidance_scale=1.0),
+        DiffusionConfig(num_steps=stage1_steps or spec["stage1_steps"], guidance_scale=1.0),
         spec["stage1_size"],
     )
     stage2 = StageConfig(
