@@ -19,11 +19,9 @@ from tqdm import tqdm
 from .errors import MedSynError, run_command
 from .geometry import Geometry, fitted_grid, resample
 from .inferers import Tiling
-from .pipeline import GenerationResult, MedSynPipeline, resolve_device
+from .pipeline import EMBEDDED_MODEL, GenerationResult, MedSynPipeline, resolve_device
 from .text_encoder import check_report
 from .volume_io import check_output_folder, read_anatomy, write_result
-
-EMBEDDED_MODEL = Path(__file__).parent / "models" / "default"
 
 
 def positive_int(text: str) -> int:

@@ -9,9 +9,12 @@ given anatomy whose field of view it takes over, so outputs overlay that anatomy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:  # SimpleITK is imported where images are made: training and sampling run without it
+    import SimpleITK as sitk
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -38,6 +41,8 @@ class Geometry:
         """Wrap a (z, y, x) array with this geometry."""
         if tuple(array.shape) != tuple(self.shape):
             raise ValueError(f"array shape {array.shape} does not match the grid {self.shape}")
+        import SimpleITK as sitk
+
         image = sitk.GetImageFromArray(array)
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
@@ -61,6 +66,8 @@ def fitted_grid(reference: Geometry, size: int) -> Geometry:
 
 def resample(array: np.ndarray, source: Geometry, target: Geometry, *, labels: bool) -> np.ndarray:
     """Resample a (z, y, x) array between grids: nearest neighbour for labels, linear otherwise."""
+    import SimpleITK as sitk
+
     image = source.image(array)
     reference = target.image(np.zeros(target.shape, dtype=np.uint8))
     interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear

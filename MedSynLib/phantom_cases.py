@@ -10,8 +10,11 @@ Each case is a NIfTI CT (int16 HU), a NIfTI label map of the lobes, airway and v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -23,23 +26,30 @@ from .geometry import Geometry
 from .phantom import make_phantom
 
 
-def write_phantom_cases(out: Path, count: int, *, size: int = 128, seed: int = 0) -> Path:
+def write_phantom_case(out: Path, size: int, case_seed: int) -> dict[str, str]:
+    """One phantom's CT and label map as NIfTI; returns its manifest row."""
+    phantom = make_phantom(size, seed=case_seed)
+    geometry = Geometry.centered(phantom.ct_hu.shape, phantom.spacing)
+    case_id = f"phantom_{case_seed:05d}"
+    ct_path, labels_path = out / "volumes" / f"{case_id}_ct.nii.gz", out / "volumes" / f"{case_id}_labels.nii.gz"
+    sitk.WriteImage(geometry.image(phantom.ct_hu), str(ct_path), True)
+    masks = {name: phantom.masks[name] for name in STRUCTURE_SETS["lobes"]}
+    sitk.WriteImage(geometry.image(masks_to_label_map(masks)), str(labels_path), True)
+    findings = ";".join(f"{f.kind}:{f.location or ''}" for f in phantom.findings)
+    return {"case_id": case_id, "ct": ct_path.relative_to(out).as_posix(),
+            "labels": labels_path.relative_to(out).as_posix(), "report": phantom.report, "findings": findings}
+
+
+def write_phantom_cases(out: Path, count: int, *, size: int = 128, seed: int = 0, workers: int = 1) -> Path:
     """Write `count` phantoms (seeds seed..seed+count-1) and manifest.csv; returns the manifest."""
     if count < 1:
         raise MedSynError("count must be at least 1")
     (out / "volumes").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for case_seed in tqdm(range(seed, seed + count), desc="phantoms", unit="case"):
-        phantom = make_phantom(size, seed=case_seed)
-        geometry = Geometry.centered(phantom.ct_hu.shape, phantom.spacing)
-        case_id = f"phantom_{case_seed:05d}"
-        ct_path, labels_path = out / "volumes" / f"{case_id}_ct.nii.gz", out / "volumes" / f"{case_id}_labels.nii.gz"
-        sitk.WriteImage(geometry.image(phantom.ct_hu), str(ct_path), True)
-        masks = {name: phantom.masks[name] for name in STRUCTURE_SETS["lobes"]}
-        sitk.WriteImage(geometry.image(masks_to_label_map(masks)), str(labels_path), True)
-        findings = ";".join(f"{f.kind}:{f.location or ''}" for f in phantom.findings)
-        rows.append({"case_id": case_id, "ct": ct_path.relative_to(out).as_posix(),
-                     "labels": labels_path.relative_to(out).as_posix(), "report": phantom.report, "findings": findings})
+    seeds = range(seed, seed + count)
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.map(write_phantom_case, repeat(out), repeat(size), seeds) if pool else (
+            write_phantom_case(out, size, s) for s in seeds)
+        rows = list(tqdm(results, total=count, desc="phantoms", unit="case"))
     manifest = out / "manifest.csv"
     with open(manifest, "w", encoding="utf-8", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
@@ -54,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="phantoms made in parallel")
     args = parser.parse_args(argv)
-    manifest = write_phantom_cases(args.out, args.count, size=args.size, seed=args.seed)
+    manifest = write_phantom_cases(args.out, args.count, size=args.size, seed=args.seed, workers=args.workers)
     print(f"wrote {manifest}", file=sys.stderr)
     return 0
 

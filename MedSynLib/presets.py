@@ -1,4 +1,4 @@
-"""Named model sizes: `paper` (the reference's), `small` (trainable on a CPU), `tiny` (tests).
+"""Named model sizes: `paper` (the reference's), `small`, `demo` (the shipped model), `tiny` (tests).
 
 All presets build the same code; they differ only in widths, depths and grid sizes.
 """
@@ -15,39 +15,51 @@ from .networks import UNet3D, UNet3DConfig
 from .pipeline import MedSynPipeline, ModelConfig, StageConfig
 from .text_encoder import EMBEDDED_ENCODER, TextEncoderConfig
 
-# Per preset: network overrides, cube size and default sampling steps of each stage.
+# Per preset and stage: network overrides, cube size and default sampling settings (DiffusionConfig fields).
 PRESETS: dict[str, dict] = {
     "paper": {
         "stage1": {"dim": 160, "dim_mults": (1, 2, 4, 8), "attn_heads": 8, "attn_head_dim": 32, "num_middle_blocks": 4},
         "stage1_size": 64,
-        "stage1_steps": 50,
+        "stage1_sampling": {"num_steps": 50},
         "stage2": {"dim": 56, "dim_mults": (1, 2, 4, 8), "attn_heads": 8, "attn_head_dim": 32, "num_middle_blocks": 1},
         "stage2_size": 256,
-        "stage2_steps": 20,
+        "stage2_sampling": {"num_steps": 20},
     },
     "small": {
         "stage1": {"dim": 32, "dim_mults": (1, 2, 4), "attn_heads": 4, "attn_head_dim": 32, "num_middle_blocks": 2},
         "stage1_size": 64,
-        "stage1_steps": 50,
+        "stage1_sampling": {"num_steps": 50},
         "stage2": {"dim": 16, "dim_mults": (1, 2, 4), "attn_heads": 2, "attn_head_dim": 16, "num_middle_blocks": 1},
         "stage2_size": 128,
-        "stage2_steps": 10,
+        "stage2_sampling": {"num_steps": 10},
+    },
+    # Sized so that a whole generation (64^3 -> 128^3) takes under a minute on 2 CPU cores:
+    # isotropic downsampling, 3x3x3 stem, few channels at full resolution, few solver steps.
+    "demo": {
+        "stage1": {"dim": 16, "dim_mults": (1, 2, 4, 8), "attn_heads": 4, "attn_head_dim": 32, "num_middle_blocks": 1,
+                   "downsampling": "isotropic", "init_kernel": 3},
+        "stage1_size": 64,
+        "stage1_sampling": {"num_steps": 10, "sampler": "dpm++2m", "guidance_scale": 2.0},
+        "stage2": {"dim": 8, "dim_mults": (1, 2, 4), "attn_heads": 2, "attn_head_dim": 16, "num_middle_blocks": 1,
+                   "downsampling": "isotropic", "init_kernel": 3, "norm_groups": 4},
+        "stage2_size": 128,
+        "stage2_sampling": {"num_steps": 3, "sampler": "dpm++2m"},
     },
     "tiny": {
         "stage1": {"dim": 8, "dim_mults": (1, 2), "attn_heads": 2, "attn_head_dim": 8, "num_middle_blocks": 1,
                    "init_kernel": 3},
         "stage1_size": 16,
-        "stage1_steps": 4,
+        "stage1_sampling": {"num_steps": 4},
         "stage2": {"dim": 8, "dim_mults": (1, 2), "attn_heads": 2, "attn_head_dim": 8, "num_middle_blocks": 1,
                    "init_kernel": 3},
         "stage2_size": 32,
-        "stage2_steps": 4,
+        "stage2_sampling": {"num_steps": 4},
     },
 }
 
 
 def stage_configs(
-    preset: str, *, channels: int, text_dim: int, text_tokens: int = 192, stage1_steps: int | None = None
+    preset: str, *, channels: int, text_dim: int, text_tokens: int = 192
 ) -> tuple[StageConfig, StageConfig]:
     if preset not in PRESETS:
         raise MedSynError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
@@ -55,12 +67,12 @@ def stage_configs(
     stage1 = StageConfig(
         UNet3DConfig(in_channels=channels, out_channels=channels, text_dim=text_dim, text_tokens=text_tokens,
                      **spec["stage1"]),
-        DiffusionConfig(num_steps=stage1_steps or spec["stage1_steps"], guidance_scale=1.0),
+        DiffusionConfig(**spec["stage1_sampling"]),
         spec["stage1_size"],
     )
     stage2 = StageConfig(
         UNet3DConfig(in_channels=channels, out_channels=channels, cond_channels=channels, **spec["stage2"]),
-        DiffusionConfig(num_steps=spec["stage2_steps"]),
+        DiffusionConfig(**spec["stage2_sampling"]),
         spec["stage2_size"],
     )
     return stage1, stage2

@@ -51,9 +51,9 @@ from .pipeline import (
     text_guided_output,
 )
 from .presets import stage_configs
+from .preview import preview_image
 from .text_encoder import ReportEncoder, TextEncoderConfig
 from .training_data import Augmentation, DiffusionSamples, StreamSampler
-from .volume_io import preview_image
 
 STAGES = ("stage1", "stage2")
 
@@ -90,6 +90,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    time_limit_minutes: float = 0.0  # > 0: checkpoint and stop after this long (job time limits)
     sample_every: int = 1000  # 0: no previews
     sample_steps: int = 20
     validation_report: str = ""  # empty: the report of the dataset's first case
@@ -277,6 +278,15 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def all_agree(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every process once it is true on any (so all of them stop at the same step)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 @torch.no_grad()
 def update_ema(ema: UNet3D, model: UNet3D, decay: float) -> None:
     for ema_value, value in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
@@ -374,6 +384,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
 
     bar = tqdm(total=config.steps, initial=start, desc=stage, unit="step", disable=not is_main)
     last_saved, window_start = start, time.perf_counter()
+    deadline = time.monotonic() + 60 * config.time_limit_minutes if config.time_limit_minutes > 0 else None
     step = start
     for step in range(start, config.steps):
         lr = learning_rate(step, config)
@@ -417,12 +428,18 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
             (run / "previews").mkdir(exist_ok=True)
             image.save(run / "previews" / f"step_{done:08d}.png")
             logger.image(done, "preview", image)
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        out_of_time = deadline is not None and all_agree(time.monotonic() >= deadline, world, device)
+        if done % config.checkpoint_every == 0 or done == config.steps or out_of_time:
             if is_main:
                 save_checkpoint(run, done, model, ema, optimizer, scaler, config.keep_checkpoints)
             last_saved = done
             if world > 1:
                 dist.barrier()
+        if out_of_time:
+            if is_main:
+                print(f"\nmedsyn: time limit of {config.time_limit_minutes} min reached at step {done}; "
+                      f"continue with --resume", file=sys.stderr)
+            break
     bar.close()
     logger.close()
     if world > 1:
@@ -465,15 +482,19 @@ def export(runs: list[Path], out: Path) -> Path:
     missing = [s for s in STAGES if s not in stages]
     if missing:
         raise MedSynError(f"export needs one run of each stage; missing {missing}")
-    dataset = PreparedDataset(stages["stage1"][2]["data"])
+    datasets = {stage: PreparedDataset(stages[stage][2]["data"]) for stage in STAGES}
+    first, second = datasets["stage1"], datasets["stage2"]  # may be one dataset, or two of the same kind
+    if first.structures != second.structures or first.index["text_encoder"] != second.index["text_encoder"]:
+        raise MedSynError("the stage-1 and stage-2 runs were trained on datasets with different structures "
+                          "or text encoders")
+    trained_on = " and ".join(sorted({f"{d.root.name} ({len(d)} cases)" for d in datasets.values()}))
     model_config = ModelConfig(
-        structures=dataset.structures,
-        spacing_mm=tuple(dataset.index.get("spacing_mm", (320.0 / dataset.size,) * 3)),
+        structures=first.structures,
+        spacing_mm=tuple(second.index.get("spacing_mm") or (320.0 / second.size,) * 3),  # stage 2 makes the output grid
         trained=True,
-        description=f"trained on {dataset.root.name} ({len(dataset)} cases): stage 1 {stages['stage1'][3]} steps, "
-                    f"stage 2 {stages['stage2'][3]} steps",
+        description=f"trained on {trained_on}: stage 1 {stages['stage1'][3]} steps, stage 2 {stages['stage2'][3]} steps",
     )
-    text_encoder = config_from_dict(TextEncoderConfig, dataset.index["text_encoder"])
+    text_encoder = config_from_dict(TextEncoderConfig, first.index["text_encoder"])
     pipeline = MedSynPipeline(model_config, stages["stage1"][:2], stages["stage2"][:2], text_encoder)
     pipeline.save_pretrained(out)
     return out

@@ -194,3 +194,34 @@ def test_bad_inputs_give_clear_errors(phantom_dataset, tmp_path, capsys):
     assert "differ" in capsys.readouterr().err
     with pytest.raises(MedSynError, match="mixed_precision"):
         train_module.resolve_config(None, ["mixed_precision=fp8"])
+
+
+def test_time_limit_checkpoints_and_stops_and_resume_continues(phantom_dataset, tmp_path, capsys):
+    run = tmp_path / "limited"
+    # A limit of zero-ish minutes: the first step already passes it.
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=50",
+                     "time_limit_minutes=0.000001") == 0
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_00000001"]
+    assert "time limit" in capsys.readouterr().err
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=3", "--resume") == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*"))[-1] == "step_00000003"
+
+
+def test_export_takes_the_output_spacing_from_the_stage2_dataset(trained_runs, tmp_path, phantom_dataset):
+    index = json.loads((phantom_dataset / "dataset.json").read_text())
+    model = train_module.export([trained_runs / "stage1", trained_runs / "stage2"], tmp_path / "model")
+    spacing = json.loads((model / "model_index.json").read_text())["spacing_mm"]
+    assert spacing == pytest.approx(index.get("spacing_mm") or [320.0 / index["size"]] * 3)
+
+
+def test_export_refuses_runs_on_datasets_of_different_structures(trained_runs, tmp_path, phantom_dataset):
+    other = tmp_path / "other_data"
+    shutil.copytree(phantom_dataset, other)
+    index = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**index, "structures": index["structures"][:-1]}))
+    run = tmp_path / "stage2"
+    shutil.copytree(trained_runs / "stage2", run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "data": str(other)}))
+    with pytest.raises(MedSynError, match="different structures"):
+        train_module.export([trained_runs / "stage1", run], tmp_path / "model")

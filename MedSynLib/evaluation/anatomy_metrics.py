@@ -22,13 +22,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
 from MedSynLib.anatomy import LOBES
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 VOLUME_STRUCTURES = LOBES + ("left_lung", "right_lung", "airway", "vessels")
 CONSISTENCY_STRUCTURES = ("left_lung", "right_lung", "airway", "vessels")
