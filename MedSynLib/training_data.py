@@ -94,15 +94,20 @@ class DiffusionSamples(torch.utils.data.Dataset):
         }
 
     def _stage2_patch(self, case, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        full = self.layout.encode(torch.from_numpy(case.ct_hu), {n: torch.from_numpy(m) for n, m in case.masks.items()})
-        channels, size = full.shape[0], full.shape[-1]
-        factor = self.dataset.size // self.dataset.low_size
-        # Degrade the whole volume as the reference does (nearest x1/4, then x4); crop both alike.
-        low = F.interpolate(full[None], scale_factor=1 / factor, mode="nearest")
-        low = F.interpolate(low, size=full.shape[-3:], mode="nearest")[0]
+        size = self.dataset.size
+        factor = size // self.dataset.low_size
         d, h, w = (min(p, size) for p in self.patch)
         z0 = int(torch.randint(0, size - d + 1, (1,), generator=generator))
-        both = torch.cat([full, low], dim=0)[:, z0 : z0 + d]  # the slab first: augmentation is in-plane
+        # Only the slab is encoded. The reference's degradation (nearest x1/factor, then x factor)
+        # makes voxel j a copy of voxel factor * (j // factor) on every axis, so the slab needs
+        # the volume from the last multiple of `factor` at or before z0.
+        first = z0 - z0 % factor
+        slab = self.layout.encode(torch.from_numpy(case.ct_hu[first : z0 + d]),
+                                  {n: torch.from_numpy(m[first : z0 + d]) for n, m in case.masks.items()})
+        channels = slab.shape[0]
+        rows = torch.arange(size) // factor * factor
+        low = slab[:, torch.arange(z0, z0 + d) // factor * factor - first][:, :, rows][:, :, :, rows]
+        both = torch.cat([slab[:, z0 - first :], low], dim=0)  # augmentation is in-plane: the slab is enough
         if self.augmentation is not None:
             order = torch.tensor([0, channels] + [c for c in range(2 * channels) if c not in (0, channels)])
             both = augment_inplane(both[order], generator, self.augmentation, anatomy_from=2)[torch.argsort(order)]

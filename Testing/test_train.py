@@ -225,3 +225,29 @@ def test_export_refuses_runs_on_datasets_of_different_structures(trained_runs, t
     (run / "run.json").write_text(json.dumps({**info, "data": str(other)}))
     with pytest.raises(MedSynError, match="different structures"):
         train_module.export([trained_runs / "stage1", run], tmp_path / "model")
+
+
+def test_stage2_condition_is_the_whole_volume_degradation_cropped(phantom_dataset):
+    """The slab-only degradation equals nearest x1/f then x f of the whole volume, then the crop."""
+    import torch.nn.functional as F
+
+    from MedSynLib.channels import ChannelLayout
+    from MedSynLib.data import PreparedDataset
+    from MedSynLib.diffusion import DiffusionConfig
+    from MedSynLib.training_data import DiffusionSamples, sample_generator
+
+    dataset = PreparedDataset(phantom_dataset)
+    layout = ChannelLayout(dataset.structures)
+    samples = DiffusionSamples(dataset, stage="stage2", layout=layout, schedule=DiffusionConfig().make_schedule(),
+                               seed=5, patch=(12, 16, 16), lowres_noise_max=0.0, augmentation=None)
+    for k in range(6):
+        item = samples[k]
+        case = dataset.load(samples.case_index(k))
+        full = layout.encode(torch.from_numpy(case.ct_hu), {n: torch.from_numpy(m) for n, m in case.masks.items()})
+        low = F.interpolate(F.interpolate(full[None], scale_factor=0.5, mode="nearest"), size=full.shape[-3:],
+                            mode="nearest")[0]
+        generator = sample_generator(5, k)  # the draws of _stage2_patch, in its order
+        z0, y0, x0 = (int(torch.randint(0, 32 - p + 1, (1,), generator=generator)) for p in (12, 16, 16))
+        crop = (slice(None), slice(z0, z0 + 12), slice(y0, y0 + 16), slice(x0, x0 + 16))
+        torch.testing.assert_close(item["cond"], low[crop])
+        torch.testing.assert_close(item["x0"], full[crop])
