@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
         "stage1": {"dim": 16, "dim_mults": (1, 2, 4, 8), "attn_heads": 4, "attn_head_dim": 32, "num_middle_blocks": 1,
                    "downsampling": "isotropic", "init_kernel": 3},
         "stage1_size": 64,
-        "stage1_sampling": {"num_steps": 10, "sampler": "dpm++2m", "guidance_scale": 2.0},
+        "stage1_sampling": {"num_steps": 8, "sampler": "dpm++2m", "guidance_scale": 2.0},
         "stage2": {"dim": 8, "dim_mults": (1, 2, 4), "attn_heads": 2, "attn_head_dim": 16, "num_middle_blocks": 1,
                    "downsampling": "isotropic", "init_kernel": 3, "norm_groups": 4},
         "stage2_size": 128,
