@@ -14,16 +14,16 @@ buffers ignored; then every key and shape must match `ReferenceUNet3D`, or the c
 stops (exit 2) naming the missing, unexpected and mis-shaped keys.
 
 The model folder gets the reference's semantics: 4 channels in the "reference" encoding
-(CT, lobe label, airway, vessel) for the "lobes" structures, cosine schedule, x0
-prediction, deterministic DDIM with x0 clipped to [-1, 1], 50 stage-1 and 20 stage-2
-steps, no guidance (the reference samples with cond_scale 1), and the report encoder
-CXR-BERT-specialized (192 tokens): the authors' fine-tuned folder when given (copied into
-`text_encoder/`), else the hub id with trust_remote_code.
-
-Known differences to the reference's sampling loop: it evaluates the network at 51 times
-(t = 1000, 980, ..., 0, the last at t = 0); our DDIM takes 50 evaluations and returns the
-x0 predicted at t = 1/50. Its text features were saved by a notebook whose padding of the
-192 tokens we did not verify; our encoder zeroes padded tokens, the network attends to all 192.
+(CT, lobe label, airway, vessel) for the "lobes" structures, x0 prediction, the cosine
+schedule as the reference samples it (`cosine_reference`: alpha_bar clipped to [0, 1] only),
+its DDIM loop (`ddim_reference`: 50 moves on t = 1, 0.98, ..., 0 and the x0 predicted at
+t = 0, i.e. 51 network calls for stage 1 and 21 for stage 2, x0 clipped to [-1, 1]), no
+guidance (the reference samples with cond_scale 1), and the report encoder
+CXR-BERT-specialized with the reference's features (192 tokens, [PAD] hidden states kept,
+no mask): the authors' fine-tuned folder when given (copied into `text_encoder/`), else the
+hub id with trust_remote_code. Remaining differences: the reference runs stage 1 in fp16
+(`--dtype float16` on a GPU comes close) and truncates HU toward zero where we round (at
+most 1 HU).
 
 Orientation. The reference writes the network's (depth, height, width) array with
 `SimpleITK.GetImageFromArray`, so depth becomes the image z axis, height y and width x, with
@@ -184,10 +184,10 @@ def reference_text_encoder(text_encoder: str | Path | None, out: Path, text_dim:
         remote_code = any(source.glob("*.py")) or "auto_map" in json.loads(
             (source / "config.json").read_text(encoding="utf-8") if (source / "config.json").is_file() else "{}")
         shutil.copytree(source, out / "text_encoder", dirs_exist_ok=True)
-        config = TextEncoderConfig(model=".", max_tokens=192, trust_remote_code=remote_code)
+        config = TextEncoderConfig(model=".", max_tokens=192, trust_remote_code=remote_code, keep_padding_states=True)
         check = TextEncoderConfig(model=str(out / "text_encoder"), trust_remote_code=remote_code)
     else:
-        config = TextEncoderConfig.named(str(text_encoder or "reference"), max_tokens=192)
+        config = TextEncoderConfig.named(str(text_encoder or "reference"), max_tokens=192, keep_padding_states=True)
         check = config if config.model.startswith("embedded:") else None  # hub ids may be offline: not checked
     if check is not None and (hidden := encoder_hidden_size(check)) != text_dim:
         raise MedSynError(f"text encoder {text_encoder} gives {hidden}-d features but stage 1 expects {text_dim}")
@@ -211,10 +211,10 @@ def convert_reference(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MedSynError(f"output {out} exists and is not an empty folder")
     s1 = StageConfig(stage1_network or reference_stage1_config(),
-                     DiffusionConfig("cosine", "x0", "ddim", num_steps=50, guidance_scale=1.0, clip_x0=True),
+                     DiffusionConfig("cosine_reference", "x0", "ddim_reference", num_steps=50, guidance_scale=1.0, clip_x0=True),
                      stage1_size, architecture="reference")
     s2 = StageConfig(stage2_network or reference_stage2_config(),
-                     DiffusionConfig("cosine", "x0", "ddim", num_steps=20, guidance_scale=1.0, clip_x0=True),
+                     DiffusionConfig("cosine_reference", "x0", "ddim_reference", num_steps=20, guidance_scale=1.0, clip_x0=True),
                      stage2_size, architecture="reference")
     networks = load_reference_network(stage1, s1.network, weights), load_reference_network(stage2, s2.network, weights)
     config = ModelConfig(

@@ -41,6 +41,14 @@ class CosineSchedule(NoiseSchedule):
         return torch.cos((t + self.offset) / (1 + self.offset) * math.pi / 2) ** 2
 
 
+class ReferenceCosineSchedule(CosineSchedule):
+    """The cosine schedule exactly as the reference samples it: alpha_bar only clipped to [0, 1],
+    so t = 1 is pure noise (alpha ~ 6e-17) and t = 0 keeps alpha_bar = 0.999845. For x0-predicting
+    models only (epsilon or v predictions cannot be turned into x0 where alpha ~ 0)."""
+
+    clamp = (0.0, 1.0)
+
+
 class LinearSchedule(NoiseSchedule):
     """DDPM's linear betas in continuous form: alpha_bar(t) = exp(-(b0 t + (b1 - b0) t^2 / 2))."""
 
@@ -51,7 +59,11 @@ class LinearSchedule(NoiseSchedule):
         return torch.exp(-(self.beta_start * t + 0.5 * (self.beta_end - self.beta_start) * t**2))
 
 
-SCHEDULES: dict[str, Callable[[], NoiseSchedule]] = {"cosine": CosineSchedule, "linear": LinearSchedule}
+SCHEDULES: dict[str, Callable[[], NoiseSchedule]] = {
+    "cosine": CosineSchedule,
+    "cosine_reference": ReferenceCosineSchedule,
+    "linear": LinearSchedule,
+}
 
 
 @dataclass(frozen=True)

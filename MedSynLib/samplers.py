@@ -1,8 +1,9 @@
 """Samplers that turn a denoiser into samples, independent of any network.
 
 One interface, whatever the algorithm: `set_timesteps(n)` lays out the times from t=1 to
-t=0, `step(x0, x_t, i)` moves x_t from times[i] to times[i+1] given the predicted x_0. The
-last step returns the prediction itself (t=0 means clean data). `denoise_loop` runs any
+t=0, the denoiser is called at each of `evaluation_times`, and `step(x0, x_t, i)` moves x_t
+from times[i] to times[i+1] given the predicted x_0; the call at the last evaluation time
+gives the sample itself (its predicted x_0). `denoise_loop` runs any
 sampler with any `x0_fn(x_t, t)`, so guidance, clipping and anatomy conditioning are
 plain functions wrapped around the network, never branches inside the sampler.
 """
@@ -26,6 +27,14 @@ class Sampler:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
 
+    @property
+    def evaluation_times(self) -> torch.Tensor:
+        """The times at which the denoiser is called: t = 1 .. 1/n, the last one's x_0 is the sample."""
+        return self.times[:-1]
+
+    def is_last(self, index: int) -> bool:
+        return index == len(self.evaluation_times) - 1
+
     def step(self, x0: torch.Tensor, x_t: torch.Tensor, index: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -38,12 +47,21 @@ class DDIMSampler(Sampler):
     """Deterministic DDIM (eta = 0): x_s = alpha_s x0 + sigma_s * (x_t - alpha_t x0) / sigma_t."""
 
     def step(self, x0: torch.Tensor, x_t: torch.Tensor, index: int) -> torch.Tensor:
-        if index == len(self.times) - 2:
+        if self.is_last(index):
             return x0
         alpha_t, sigma_t = self._alpha_sigma(index)
         alpha_s, sigma_s = self._alpha_sigma(index + 1)
         eps = (x_t - alpha_t * x0) / sigma_t
         return alpha_s * x0 + sigma_s * eps
+
+
+class ReferenceDDIMSampler(DDIMSampler):
+    """The MedSyn reference's loop: n DDIM moves over t = 1, 1 - 1/n, ..., 0 (the last one to
+    t = 0 itself), then the x_0 predicted at t = 0, so n + 1 denoiser calls (51 for 50 steps)."""
+
+    @property
+    def evaluation_times(self) -> torch.Tensor:
+        return self.times
 
 
 class DPMSolverPP2MSampler(Sampler):
@@ -59,7 +77,7 @@ class DPMSolverPP2MSampler(Sampler):
         self._previous: tuple[torch.Tensor, float] | None = None
 
     def step(self, x0: torch.Tensor, x_t: torch.Tensor, index: int) -> torch.Tensor:
-        if index == len(self.times) - 2:
+        if self.is_last(index):
             return x0
         alpha_t, sigma_t = self._alpha_sigma(index)
         alpha_s, sigma_s = self._alpha_sigma(index + 1)
@@ -73,7 +91,11 @@ class DPMSolverPP2MSampler(Sampler):
         return (sigma_s / sigma_t) * x_t - alpha_s * torch.expm1(torch.tensor(-h)).item() * derivative
 
 
-SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "dpm++2m": DPMSolverPP2MSampler}
+SAMPLERS: dict[str, type[Sampler]] = {
+    "ddim": DDIMSampler,
+    "dpm++2m": DPMSolverPP2MSampler,
+    "ddim_reference": ReferenceDDIMSampler,
+}
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int) -> Sampler:
@@ -99,9 +121,9 @@ def denoise_loop(
 ) -> torch.Tensor:
     """Integrate from t=1 to t=0. `after_step(x, i)` may edit x at times[i+1] (e.g. to impose anatomy)."""
     x = x_T
-    steps = len(sampler.times) - 1
+    steps = len(sampler.evaluation_times)
     for index in range(steps):
-        t = sampler.times[index].float().expand(x.shape[0]).to(x.device)
+        t = sampler.evaluation_times[index].float().expand(x.shape[0]).to(x.device)
         x = sampler.step(x0_fn(x, t), x, index)
         if after_step is not None:
             x = after_step(x, index)

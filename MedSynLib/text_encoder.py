@@ -38,7 +38,10 @@ class TextEncoderConfig:
     max_tokens: int = 192  # token features kept (the reference keeps the first 192)
     hidden_layer: int = -1  # which hidden state; -1 = last
     trust_remote_code: bool = False  # CXR-BERT's hub repository ships custom model code
-
+    # False: token features past the report are zeros and masked out (our models). True: the
+    # reference's features: reports padded with [PAD] to max_tokens, the encoder's hidden states
+    # of those [PAD] tokens kept, and every token attended to.
+    keep_padding_states: bool = False
 
     @classmethod
     def named(cls, name: str, **settings) -> TextEncoderConfig:
@@ -142,12 +145,19 @@ class ReportEncoder:
                     f"({report[:40]!r}...)",
                     stacklevel=3,
                 )
-        tokens = self.tokenizer(reports, padding=True, truncation=True, max_length=self.window, return_tensors="pt")
+        n = self.config.max_tokens
+        if self.config.keep_padding_states:  # pad to at least n tokens, truncate at the window only
+            padded_length = max(n, min(max(lengths), self.window))
+            tokens = self.tokenizer(reports, padding="max_length", truncation=True, max_length=padded_length,
+                                    return_tensors="pt")
+        else:
+            tokens = self.tokenizer(reports, padding=True, truncation=True, max_length=self.window, return_tensors="pt")
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         output = self.model(**tokens, output_hidden_states=True)
         hidden = output.hidden_states[self.config.hidden_layer].float().cpu()
         mask = tokens["attention_mask"].bool().cpu()
-        n = self.config.max_tokens
+        if self.config.keep_padding_states:
+            mask = torch.ones_like(mask)
         features = torch.zeros(len(reports), n, hidden.shape[-1])
         padded_mask = torch.zeros(len(reports), n, dtype=torch.bool)
         keep = min(n, hidden.shape[1])

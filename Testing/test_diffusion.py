@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from MedSynLib.diffusion import (
+    SCHEDULES,
     CosineSchedule,
     DiffusionConfig,
     LinearSchedule,
@@ -105,3 +108,46 @@ def test_denoise_loop_reports_progress_and_unknown_sampler_fails():
     assert calls == [(1, 3), (2, 3), (3, 3)]
     with pytest.raises(ValueError, match="sampler"):
         make_sampler("euler", CosineSchedule(), 3)
+
+
+def test_reference_cosine_schedule_is_unclamped_at_the_ends():
+    schedule = SCHEDULES["cosine_reference"]()
+    alpha, sigma = schedule.alpha_sigma(torch.tensor([1.0, 0.0]))
+    assert alpha[0] < 1e-15 and sigma[0] == 1.0
+    assert alpha[1] ** 2 == pytest.approx(math.cos(0.008 / 1.008 * math.pi / 2) ** 2, rel=1e-6)  # 0.999845
+
+
+def test_reference_ddim_loop_matches_a_direct_computation_of_the_reference_loop():
+    """N moves on t = 1 .. 0 (the last to t = 0), then the x0 predicted at t = 0: N + 1 calls."""
+    schedule = SCHEDULES["cosine_reference"]()
+    weights = torch.tensor([0.3, -0.7, 1.1])
+
+    def denoiser(x, t):  # any smooth, time-dependent x0 prediction, clipped as the reference does
+        return torch.tanh(x * weights + t[:, None]).clamp(-1, 1)
+
+    calls = []
+
+    def counted(x, t):
+        calls.append(float(t[0]))
+        return denoiser(x, t)
+
+    x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    n = 5
+    sample = denoise_loop(counted, x_T, make_sampler("ddim_reference", schedule, n))
+    assert calls == pytest.approx([1 - i / n for i in range(n + 1)])
+
+    def alpha_bar(t):
+        return min(max(math.cos((t + 0.008) / 1.008 * math.pi / 2), 0.0), 1.0) ** 2
+
+    x = x_T.double()
+    for i in range(n):
+        t, s = 1 - i / n, 1 - (i + 1) / n
+        x0 = denoiser(x.float(), torch.full((2,), t)).double()
+        eps = (x - math.sqrt(alpha_bar(t)) * x0) / math.sqrt(1 - alpha_bar(t))
+        x = math.sqrt(alpha_bar(s)) * x0 + math.sqrt(1 - alpha_bar(s)) * eps
+    expected = denoiser(x.float(), torch.zeros(2))
+    torch.testing.assert_close(sample, expected, atol=1e-5, rtol=1e-5)
+    # Our DDIM instead returns the x0 predicted at t = 1/n after n calls.
+    calls.clear()
+    denoise_loop(counted, x_T, make_sampler("ddim", schedule, n))
+    assert len(calls) == n and calls[-1] == pytest.approx(1 / n)

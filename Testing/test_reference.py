@@ -225,7 +225,8 @@ def test_convert_writes_a_model_folder_that_generates(checkpoints, tmp_path):
     assert index["channel_encoding"] == "reference" and index["trained"] is True
     stage1 = json.loads((out / "stage1" / "config.json").read_text())
     assert stage1["architecture"] == "reference" and stage1["diffusion"]["num_steps"] == 50
-    assert stage1["diffusion"]["prediction_type"] == "x0" and stage1["diffusion"]["schedule"] == "cosine"
+    assert stage1["diffusion"]["prediction_type"] == "x0" and stage1["diffusion"]["schedule"] == "cosine_reference"
+    assert stage1["diffusion"]["sampler"] == "ddim_reference"
     assert json.loads((out / "stage2" / "config.json").read_text())["diffusion"]["num_steps"] == 20
 
     pipeline = MedSynPipeline.from_pretrained(out)

@@ -83,3 +83,18 @@ def test_paper_models_default_to_the_reference_encoder_which_needs_the_hub(tmp_p
     assert run_command(main, ["--preset", "paper", "--out", str(tmp_path / "paper")]) == 2
     assert "BiomedVLP-CXR-BERT-specialized" in capsys.readouterr().err
     assert not (tmp_path / "paper").exists()
+
+
+def test_reference_features_keep_the_padding_states_and_attend_to_every_token(encoder):
+    reference = ReportEncoder(TextEncoderConfig(keep_padding_states=True))
+    report = "Small left pleural effusion."
+    ours, theirs = encoder.encode([report]), reference.encode([report])
+    length = int(ours.mask.sum())
+    assert theirs.mask.all() and theirs.features.shape == ours.features.shape
+    torch.testing.assert_close(theirs.features[:, :length], ours.features[:, :length])  # the report's tokens agree
+    assert (ours.features[0, length:] == 0).all() and (theirs.features[0, length:].abs().sum(-1) > 0).all()
+    # The [PAD] states are the encoder's own: padding to 192 or far beyond gives the same first 192.
+    tokens = reference.tokenizer([report], padding="max_length", max_length=300, return_tensors="pt")
+    with torch.no_grad():
+        hidden = reference.model(**tokens, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(theirs.features[0], hidden[0, :192], atol=1e-4, rtol=1e-4)
