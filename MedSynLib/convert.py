@@ -27,12 +27,13 @@ most 1 HU).
 
 Orientation. The reference writes the network's (depth, height, width) array with
 `SimpleITK.GetImageFromArray`, so depth becomes the image z axis, height y and width x, with
-unit spacing, zero origin and identity direction; its `postprocess.py` then flips the
-height axis (`np.flip(img, 1)`, i.e. y) before mapping [0, 1] to HU. Volumes were affinely
-registered to an (unpublished) atlas and resized to 256^3, so no physical spacing exists.
-MedSyn decodes the same array as (z, y, x) on a centred grid of 1.25 mm voxels (320 mm
-field of view) and does NOT apply that y flip; whether the reference's y axis runs
-anterior->posterior or the reverse depends on that atlas and is uncertain.
+unit spacing, zero origin and identity direction; its `postprocess.py` flips the height axis
+(`np.flip(img, 1)`, i.e. y) before mapping [0, 1] to HU, so the network's arrays hold y
+reversed relative to the volumes the authors show. Converted models therefore carry
+`flip_axes = (1,)`: outputs are flipped along y before they are written in LPS, and a given
+anatomy is flipped the same way on its way in. Volumes were affinely registered to an
+(unpublished) atlas and resized to 256^3, so no physical spacing exists: MedSyn places them
+on a centred grid of 1.25 mm voxels (320 mm field of view); the reference writes 1 mm.
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ def convert_reference(
         channel_encoding="reference",
         spacing_mm=(320.0 / stage2_size,) * 3,
         trained=True,
+        flip_axes=(1,),  # the reference's postprocess.py flips y before its volumes are shown
         description=f"reference MedSyn checkpoints ({weights} weights) imported from {Path(stage1).name}, {Path(stage2).name}",
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,9 @@ class ModelConfig:
     spacing_mm: tuple[float, float, float] = (1.25, 1.25, 1.25)  # nominal output voxel (x, y, z)
     trained: bool = False
     description: str = ""
+    # Array axes (0 = z, 1 = y, 2 = x) that the network's volumes hold reversed relative to LPS
+    # (the reference's outputs are flipped along y before they are anatomically right).
+    flip_axes: tuple[int, ...] = ()
 
     @property
     def layout(self) -> ChannelLayout:
@@ -241,6 +244,10 @@ class MedSynPipeline:
         """The report's token features for stage 1, shape (1, tokens, hidden)."""
         return self.text_encoder.encode([check_report(report)])
 
+    def _to_network_axes(self, volume: torch.Tensor) -> torch.Tensor:
+        """Reverse the model's `flip_axes` in the last three (z, y, x) dimensions; its own inverse."""
+        return volume.flip([axis - 3 for axis in self.config.flip_axes]) if self.config.flip_axes else volume
+
     def _check_features(self, features: TextFeatures) -> TextFeatures:
         expected = (1, self.stage1_config.network.text_tokens, self.stage1_config.network.text_dim)
         if tuple(features.features.shape) != expected or tuple(features.mask.shape) != expected[:2]:
@@ -312,7 +319,8 @@ class MedSynPipeline:
         # 3. Anatomy to impose, as model channels at both resolutions.
         anatomy_high = anatomy_low = None
         if anatomy is not None:
-            given = {n: torch.from_numpy(np.asarray(m, dtype=bool)) for n, m in anatomy.items() if m.any()}
+            given = {n: self._to_network_axes(torch.from_numpy(np.asarray(m, dtype=bool)))
+                     for n, m in anatomy.items() if m.any()}
             imposed = layout.channels_of(tuple(given))
             anatomy_high = layout.encode_anatomy(given).unsqueeze(0).to(device)
             anatomy_low = nearest_resize(anatomy_high, self.stage1_config.size)
@@ -337,7 +345,7 @@ class MedSynPipeline:
         timings["stage2_s"] = time.perf_counter() - start
 
         # 6. Decode: CT channel -> HU, anatomy channels -> masks.
-        ct_hu, masks = layout.decode(high[0].float().cpu())
+        ct_hu, masks = layout.decode(self._to_network_axes(high[0].float().cpu()))
         geometry = geometry or Geometry.centered((s2.size,) * 3, self.config.spacing_mm)
         metadata = {
             "synthetic": True,

@@ -302,3 +302,23 @@ def test_nested_checkpoint_dicts_are_searched(tmp_path):
     torch.save({"step": 5, "model": state, "ema": {"ema_model." + k: v for k, v in state.items()}}, tmp_path / "c.pt")
     assert strip_prefixes(read_checkpoint(tmp_path / "c.pt", "ema")).keys() == state.keys()
     assert read_checkpoint(tmp_path / "c.pt", "model").keys() == state.keys()
+
+
+def test_flip_axes_map_the_network_arrays_to_lps_both_ways(tiny_pipeline):
+    """Converted models flip y (the reference's postprocess.py): outputs flipped, given anatomy too."""
+    import dataclasses
+
+    from MedSynLib.pipeline import MedSynPipeline
+
+    flipped = MedSynPipeline(dataclasses.replace(tiny_pipeline.config, flip_axes=(1,)),
+                             (tiny_pipeline.stage1_config, tiny_pipeline.stage1),
+                             (tiny_pipeline.stage2_config, tiny_pipeline.stage2), tiny_pipeline.text_encoder_config)
+    features = tiny_pipeline.encode_report("Small left pleural effusion.")
+    plain = tiny_pipeline.generate("x", seed=4, steps=2, stage2_steps=2, report_features=features)
+    mirrored = flipped.generate("x", seed=4, steps=2, stage2_steps=2, report_features=features)
+    np.testing.assert_array_equal(mirrored.ct_hu, plain.ct_hu[:, ::-1, :])
+    size = tiny_pipeline.stage2_config.size
+    airway = np.zeros((size,) * 3, dtype=bool)
+    airway[4:20, 2:9, 10:14] = True  # not symmetric in y
+    given = flipped.generate("x", seed=4, steps=2, stage2_steps=2, report_features=features, anatomy={"airway": airway})
+    np.testing.assert_array_equal(given.masks["airway"], airway)  # imposed where it was given, in LPS
