@@ -60,7 +60,7 @@ from .reference_networks import (
     reference_stage1_config,
     reference_stage2_config,
 )
-from .text_encoder import TextEncoderConfig, encoder_hidden_size
+from .text_encoder import TextEncoderConfig, encoder_hidden_size, resolve_model_path
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "denoise_fn.", "ema_model.", "model.")
 # Buffers of the reference's GaussianDiffusion wrapper and of EMA helpers: not network weights.
@@ -74,6 +74,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # In a checkpoint dict that is not itself a state dict, where each kind of weights lives.
 NESTED_KEYS = {"ema": ("ema", "ema_model", "ema_state_dict"), "model": ("model", "state_dict", "model_state_dict")}
 WEIGHT_CHOICES = ("ema", "model")
+REFERENCE_TEXT_POSITIONS = 2048  # the reference grows CXR-BERT's 512 learned positions to 2048
+POSITION_BUFFERS = ("position_ids", "token_type_ids")  # derived from the table size, not learned
 
 
 def find_weight_file(folder: Path, weights: str) -> Path:
@@ -178,21 +180,75 @@ def load_reference_network(path: str | Path, config: ReferenceUNetConfig, weight
     return network.eval().requires_grad_(False)
 
 
-def reference_text_encoder(text_encoder: str | Path | None, out: Path, text_dim: int) -> TextEncoderConfig:
-    """The report encoder config; a folder is copied into out/text_encoder and named "."."""
-    if text_encoder is not None and Path(text_encoder).is_dir():
+def extend_position_embeddings(model: torch.nn.Module, positions: int) -> None:
+    """Grow each BERT position table to `positions` rows, keeping the learned rows (the reference's recipe)."""
+    tables = [m for _, m in model.named_modules() if isinstance(getattr(m, "position_embeddings", None), torch.nn.Embedding)]
+    if not tables:
+        raise MedSynError("the text encoder has no learned position embeddings to extend")
+    for embeddings in tables:
+        old = embeddings.position_embeddings
+        if old.num_embeddings >= positions:
+            continue
+        new = torch.nn.Embedding(positions, old.embedding_dim, padding_idx=old.padding_idx)
+        new.weight.data[: old.num_embeddings] = old.weight.data
+        embeddings.position_embeddings = new
+        embeddings.register_buffer("position_ids", torch.arange(positions).expand(1, -1), persistent=False)
+        if hasattr(embeddings, "token_type_ids"):
+            embeddings.register_buffer("token_type_ids", torch.zeros(1, positions, dtype=torch.long), persistent=False)
+    model.config.max_position_embeddings = positions
+
+
+def fine_tuned_text_encoder(base: str, weights: str | Path, out: Path) -> None:
+    """The authors' encoder, saved whole into `out`: the base CXR-BERT, its positions extended to
+    2048, their fine-tuned weights on top (a state dict, read with weights_only)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    config = TextEncoderConfig.named(base)
+    path = resolve_model_path(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        model = AutoModel.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MedSynError(f"could not load the base text encoder {base!r}: {first_line}") from error
+    extend_position_embeddings(model, REFERENCE_TEXT_POSITIONS)
+    state = {k.removeprefix("module."): v for k, v in read_checkpoint(weights, "model").items()}
+    expected = model.state_dict()
+    learned = [k for k in expected if not k.endswith(POSITION_BUFFERS)]
+    missing = [k for k in learned if k not in state]
+    unexpected = [k for k in state if k not in expected and not k.endswith(POSITION_BUFFERS)]
+    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                  for k in learned if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise MedSynError(f"{weights} does not fit {base} with {REFERENCE_TEXT_POSITIONS} positions: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape {mismatched[:5]}")
+    model.load_state_dict({k: state[k] for k in learned}, strict=False)
+    tokenizer.model_max_length = REFERENCE_TEXT_POSITIONS
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def reference_text_encoder(text_encoder: str | Path | None, out: Path, text_dim: int,
+                           text_weights: str | Path | None = None) -> TextEncoderConfig:
+    """The report encoder config; a folder (or base + fine-tuned weights) goes into out/text_encoder, named "."."""
+    if text_weights is not None:
+        fine_tuned_text_encoder(str(text_encoder or "reference"), text_weights, out / "text_encoder")
+        source = out / "text_encoder"
+    elif text_encoder is not None and Path(text_encoder).is_dir():
         source = Path(text_encoder)
-        remote_code = any(source.glob("*.py")) or "auto_map" in json.loads(
-            (source / "config.json").read_text(encoding="utf-8") if (source / "config.json").is_file() else "{}")
         shutil.copytree(source, out / "text_encoder", dirs_exist_ok=True)
-        config = TextEncoderConfig(model=".", max_tokens=192, trust_remote_code=remote_code, keep_padding_states=True)
-        check = TextEncoderConfig(model=str(out / "text_encoder"), trust_remote_code=remote_code)
     else:
         config = TextEncoderConfig.named(str(text_encoder or "reference"), max_tokens=192, keep_padding_states=True)
         check = config if config.model.startswith("embedded:") else None  # hub ids may be offline: not checked
-    if check is not None and (hidden := encoder_hidden_size(check)) != text_dim:
+        if check is not None and (hidden := encoder_hidden_size(check)) != text_dim:
+            raise MedSynError(f"text encoder {text_encoder} gives {hidden}-d features but stage 1 expects {text_dim}")
+        return config
+    remote_code = any(source.glob("*.py")) or "auto_map" in json.loads(
+        (source / "config.json").read_text(encoding="utf-8") if (source / "config.json").is_file() else "{}")
+    check = TextEncoderConfig(model=str(out / "text_encoder"), trust_remote_code=remote_code)
+    if (hidden := encoder_hidden_size(check)) != text_dim:
         raise MedSynError(f"text encoder {text_encoder} gives {hidden}-d features but stage 1 expects {text_dim}")
-    return config
+    return TextEncoderConfig(model=".", max_tokens=192, trust_remote_code=remote_code, keep_padding_states=True)
 
 
 def convert_reference(
@@ -201,6 +257,7 @@ def convert_reference(
     out: str | Path,
     *,
     text_encoder: str | Path | None = None,
+    text_encoder_weights: str | Path | None = None,
     weights: str = "ema",
     stage1_network: ReferenceUNetConfig | None = None,
     stage2_network: ReferenceUNetConfig | None = None,
@@ -228,7 +285,7 @@ def convert_reference(
     )
     out.mkdir(parents=True, exist_ok=True)
     try:
-        text_config = reference_text_encoder(text_encoder, out, s1.network.text_dim)
+        text_config = reference_text_encoder(text_encoder, out, s1.network.text_dim, text_encoder_weights)
         pipeline = MedSynPipeline(config, (s1, networks[0]), (s2, networks[1]), text_config, source=str(out))
         pipeline.save_pretrained(out)
     except BaseException:
@@ -254,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--stage1", required=True, help="stage-1 weights file or accelerate checkpoint folder")
     ref.add_argument("--stage2", required=True, help="stage-2 weights file or accelerate checkpoint folder")
     ref.add_argument("--text-encoder", default=None,
-                     help="fine-tuned CXR-BERT folder (copied in), a hub id, 'reference' (default) or 'embedded'")
+                     help="fine-tuned CXR-BERT folder (copied in), a hub id, 'reference' (default) or 'embedded'; "
+                          "with --text-encoder-weights: the base encoder")
+    ref.add_argument("--text-encoder-weights", default=None,
+                     help="the authors' fine-tuned encoder state dict (pytorch_model.bin): loaded onto the base "
+                          "with positions extended to 2048, saved whole into the model folder")
     ref.add_argument("--weights", choices=WEIGHT_CHOICES, default="ema")
     ref.add_argument("--out", required=True, help="model folder to write (must not exist or be empty)")
     ref.add_argument("--stage1-config", help="JSON ReferenceUNetConfig (default: the released stage-1 sizes)")
@@ -263,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--stage2-size", type=int, default=256)
     args = parser.parse_args(argv)
     pipeline = convert_reference(
-        args.stage1, args.stage2, args.out, text_encoder=args.text_encoder, weights=args.weights,
+        args.stage1, args.stage2, args.out, text_encoder=args.text_encoder,
+        text_encoder_weights=args.text_encoder_weights, weights=args.weights,
         stage1_network=_network_config(args.stage1_config, reference_stage1_config()),
         stage2_network=_network_config(args.stage2_config, reference_stage2_config()),
         stage1_size=args.stage1_size, stage2_size=args.stage2_size,

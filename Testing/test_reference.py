@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -322,3 +323,56 @@ def test_flip_axes_map_the_network_arrays_to_lps_both_ways(tiny_pipeline):
     airway[4:20, 2:9, 10:14] = True  # not symmetric in y
     given = flipped.generate("x", seed=4, steps=2, stage2_steps=2, report_features=features, anatomy={"airway": airway})
     np.testing.assert_array_equal(given.masks["airway"], airway)  # imposed where it was given, in LPS
+
+
+@pytest.fixture(scope="module")
+def fine_tuned_encoder(tmp_path_factory):
+    """A base BERT (the embedded MiniLM stands in for CXR-BERT) extended to 2048 positions and perturbed."""
+    from transformers import AutoModel
+
+    from MedSynLib.convert import extend_position_embeddings
+    from MedSynLib.text_encoder import EMBEDDED_ENCODER, resolve_model_path
+
+    base = resolve_model_path(EMBEDDED_ENCODER)
+    model = AutoModel.from_pretrained(base)
+    extend_position_embeddings(model, 2048)
+    generator = torch.Generator().manual_seed(0)
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("finetuned") / "pytorch_model.bin"
+    torch.save(state, path)
+    return base, path, state
+
+
+def test_fine_tuned_text_encoder_gets_2048_positions_and_the_authors_weights(checkpoints, fine_tuned_encoder, tmp_path):
+    from transformers import AutoModel
+
+    base, weights, state = fine_tuned_encoder
+    out = tmp_path / "model"
+    convert_reference(checkpoints["stage1"], checkpoints["stage2"], out, text_encoder=base,
+                      text_encoder_weights=weights, stage1_network=STAGE1, stage2_network=STAGE2,
+                      stage1_size=8, stage2_size=16)
+    saved = AutoModel.from_pretrained(out / "text_encoder")
+    assert saved.config.max_position_embeddings == 2048
+    for name, value in saved.state_dict().items():
+        if not name.endswith(("position_ids", "token_type_ids")):
+            assert torch.equal(value, state[name]), name
+    pipeline = MedSynPipeline.from_pretrained(out)
+    assert pipeline.text_encoder_config.keep_padding_states
+    long_report = "Small left pleural effusion. " * 120  # ~840 tokens: past BERT's 512, inside 2048
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no truncation warning
+        features = pipeline.encode_report(long_report)
+    assert features.features.shape == (1, 192, STAGE1.text_dim) and features.mask.all()
+
+
+def test_fine_tuned_weights_that_do_not_fit_are_refused_by_name(checkpoints, fine_tuned_encoder, tmp_path):
+    base, _, state = fine_tuned_encoder
+    broken = dict(state)
+    broken.pop("encoder.layer.0.attention.self.query.weight")
+    torch.save(broken, tmp_path / "broken.bin")
+    with pytest.raises(MedSynError, match="missing.*encoder.layer.0.attention.self.query.weight"):
+        convert_reference(checkpoints["stage1"], checkpoints["stage2"], tmp_path / "model", text_encoder=base,
+                          text_encoder_weights=tmp_path / "broken.bin", stage1_network=STAGE1, stage2_network=STAGE2,
+                          stage1_size=8, stage2_size=16)
+    assert not (tmp_path / "model").exists()
