@@ -1,0 +1,43 @@
+"""The demonstration-model recipe: its configs are valid TrainConfigs, and packed datasets unpack unchanged."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from MedSynLib.configuration import config_from_dict
+from MedSynLib.data import PreparedDataset
+from MedSynLib.presets import PRESETS
+from MedSynLib.train import TrainConfig
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_model"
+
+
+def test_stage_configs_are_valid_train_configs_of_the_demo_preset():
+    for stage in ("stage1", "stage2"):
+        config = config_from_dict(TrainConfig, json.loads((RECIPE / f"{stage}.json").read_text()), source=stage)
+        assert config.preset == "demo" and config.preset in PRESETS
+
+
+def test_packed_dataset_unpacks_to_the_same_cases(phantom_dataset, tmp_path):
+    spec = importlib.util.spec_from_file_location("pack_dataset", RECIPE / "pack_dataset.py")
+    pack_dataset = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack_dataset)
+    pack_dataset.pack(phantom_dataset, tmp_path / "data.tar.xz")
+    pack_dataset.unpack(tmp_path / "data.tar.xz", tmp_path / "unpacked")
+    original, unpacked = PreparedDataset(phantom_dataset), PreparedDataset(tmp_path / "unpacked")
+    assert original.case_ids == unpacked.case_ids
+    for i in range(len(original)):
+        a, b = original.load(i), unpacked.load(i)
+        np.testing.assert_array_equal(a.ct_hu, b.ct_hu)
+        assert all(np.array_equal(a.masks[n], b.masks[n]) for n in a.masks) and a.report == b.report
+
+
+def test_recipe_refuses_an_unknown_step(tmp_path):
+    result = subprocess.run(["bash", str(RECIPE / "make_demo_model.sh"), str(tmp_path)], env={"STEPS": "bake",
+                            "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown step bake" in result.stderr
