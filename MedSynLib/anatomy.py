@@ -143,3 +143,14 @@ def label_map_to_masks(label_map: np.ndarray, structures: tuple[Structure, ...])
                 mask |= label_map == STRUCTURES[lobe].label
         masks[structure.name] = mask
     return masks
+
+
+def standard_masks(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fill in left/right lungs as unions of lobes when only lobes are given."""
+    masks = dict(masks)
+    for lung, lobes in (("left_lung", LEFT_LOBES), ("right_lung", RIGHT_LOBES)):
+        present = [masks[lobe] for lobe in lobes if lobe in masks]
+        if present:
+            union = np.logical_or.reduce(present)
+            masks[lung] = union | masks[lung] if lung in masks else union
+    return masks

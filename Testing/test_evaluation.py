@@ -12,12 +12,12 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from MedSynLib.anatomy import LOBES, STRUCTURES, label_map_to_masks, masks_to_label_map
+from MedSynLib.anatomy import LOBES, STRUCTURES, label_map_to_masks, masks_to_label_map, standard_masks
 from MedSynLib.errors import MedSynError, run_command
 from MedSynLib.evaluate import main
 from MedSynLib.evaluation import features as F
 from MedSynLib.evaluation.anatomy_metrics import airway_topology, anatomy_consistency, dice, structure_volumes
-from MedSynLib.evaluation.cases import discover_cases, load_case, standard_masks
+from MedSynLib.evaluation.cases import discover_cases, load_case
 from MedSynLib.evaluation.distribution import (
     bootstrap,
     frechet_distance,

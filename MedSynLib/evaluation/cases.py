@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from MedSynLib.anatomy import LEFT_LOBES, LOBES, RIGHT_LOBES, STRUCTURES, label_map_to_masks
+from MedSynLib.anatomy import LOBES, STRUCTURES, label_map_to_masks, standard_masks
 from MedSynLib.errors import MedSynError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -215,17 +215,6 @@ def _label_masks(path: Path, reference: sitk.Image) -> dict[str, np.ndarray]:
     except ValueError as error:
         raise MedSynError(f"label map {path}: {error}") from error
     return standard_masks({name: mask for name, mask in masks.items() if mask.any()})
-
-
-def standard_masks(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Fill in left/right lungs as unions of lobes when only lobes are given."""
-    masks = dict(masks)
-    for lung, lobes in (("left_lung", LEFT_LOBES), ("right_lung", RIGHT_LOBES)):
-        present = [masks[lobe] for lobe in lobes if lobe in masks]
-        if present:
-            union = np.logical_or.reduce(present)
-            masks[lung] = union | masks[lung] if lung in masks else union
-    return masks
 
 
 def has_lobes(masks: dict[str, np.ndarray] | None) -> bool:

@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
+from MedSynLib.anatomy import standard_masks
 from MedSynLib.configuration import atomic_write_bytes, config_to_dict
 from MedSynLib.errors import MedSynError, run_command
 from MedSynLib.evaluation.findings import (
@@ -149,17 +150,19 @@ def anatomy_control(pipeline, *, samples: int, prompt: str, device="cpu", phanto
                     progress: bool = True) -> dict:
     """Consistency (generated masks vs the segmented generated CT) and conditioning on phantom anatomy."""
     from MedSynLib.evaluation.anatomy_metrics import anatomy_consistency
-    from MedSynLib.evaluation.cases import standard_masks
     from MedSynLib.geometry import Geometry, fitted_grid, resample
     from MedSynLib.phantom import make_phantom
     from MedSynLib.segmentation import get_segmenter
 
     segmenter = get_segmenter("classical")
     size, structures = pipeline.stage2_config.size, pipeline.config.structures
-    free, given = [], []
+    free, given, volumes = [], [], []
     for i in tqdm(range(samples), desc="anatomy control", unit="pair", disable=not progress):
         result = pipeline.generate(prompt, seed=i, device=device)
-        free.append(anatomy_consistency(result.geometry.image(result.ct_hu), standard_masks(result.masks), segmenter))
+        masks = standard_masks(result.masks)
+        free.append(anatomy_consistency(result.geometry.image(result.ct_hu), masks, segmenter))
+        voxel_ml = float(np.prod(result.geometry.spacing)) / 1000
+        volumes.append({n: float(masks[n].sum()) * voxel_ml for n in CONSISTENCY_STRUCTURES if n in masks})
         phantom = make_phantom(size, seed=phantom_seed + i)
         source = Geometry.centered(phantom.ct_hu.shape, phantom.spacing)
         grid = fitted_grid(source, size)
@@ -167,7 +170,9 @@ def anatomy_control(pipeline, *, samples: int, prompt: str, device="cpu", phanto
                    for n in structures}
         result = pipeline.generate(prompt, seed=i, device=device, anatomy=anatomy, geometry=grid)
         given.append(anatomy_consistency(result.geometry.image(result.ct_hu), standard_masks(anatomy), segmenter))
+    # Dice is 1 when both masks are empty: the generated volumes say whether a structure was drawn at all.
     return {"samples": samples, "prompt": prompt,
+            "generated_volume_ml": {n: float(np.mean([v[n] for v in volumes])) for n in volumes[0]} if volumes else {},
             "consistency": _dice_summary(free), "conditioned_on_phantom_anatomy": _dice_summary(given)}
 
 
@@ -193,12 +198,13 @@ def table_markdown(text: dict | None, anatomy: dict | None) -> str:
                              f"| {_pct(rate['rate_when_denied'], rate['n_denied'])} "
                              f"| {_pct(rate.get('location_accuracy'), rate.get('n_located'))} |")
     if anatomy:
-        lines += ["", "| structure | consistency Dice (mean / min) | Dice to the given phantom anatomy (mean / min) |",
-                  "|---|---|---|"]
+        lines += ["", "| structure | generated volume (mL, mean) | consistency Dice (mean / min) "
+                      "| Dice to the given phantom anatomy (mean / min) |", "|---|---|---|---|"]
         for name in CONSISTENCY_STRUCTURES:
             free = anatomy["consistency"].get(name)
             given = anatomy["conditioned_on_phantom_anatomy"].get(name)
-            lines.append(f"| {name} | {_dice(free)} | {_dice(given)} |")
+            volume = anatomy.get("generated_volume_ml", {}).get(name)
+            lines.append(f"| {name} | {'-' if volume is None else f'{volume:.1f}'} | {_dice(free)} | {_dice(given)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded model)")
     parser.add_argument("--out", type=Path, required=True, help="report folder")
     parser.add_argument("--prompts", type=Path, help="text file, one report per line (default: built-in prompts)")
-    parser.add_argument("--samples", type=int, default=16, help="volumes per prompt and setting")
+    parser.add_argument("--samples", type=int, default=16, help="volumes per prompt and setting (0: no text control)")
     parser.add_argument("--guidance", default="default", help="comma-separated guidance scales, or 'default'")
     parser.add_argument("--steps", default="default", help="comma-separated stage-1 step counts, or 'default'")
     parser.add_argument("--anatomy-samples", type=int, default=0, help="volume pairs for anatomy control (0: skip)")
@@ -308,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     settings = settings_grid(_numbers(args.guidance, float), _numbers(args.steps, int))
     text = text_control(pipeline, prompts, settings, samples=args.samples, device=device, workers=args.workers,
-                        report_features=features)
+                        report_features=features) if args.samples else None
     anatomy = (anatomy_control(pipeline, samples=args.anatomy_samples, prompt=prompts[-1], device=device)
                if args.anatomy_samples else None)
     write_report(args.out, text, anatomy, {"model": str(args.model or EMBEDDED_MODEL), "device": str(device)})

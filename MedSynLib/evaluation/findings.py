@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from MedSynLib.anatomy import LOBES
+from MedSynLib.anatomy import LOBES, standard_masks
 from MedSynLib.evaluation.anatomy_metrics import lung_envelope
 
 FINDING_KINDS = ("nodule", "effusion", "cardiomegaly")
@@ -72,8 +72,6 @@ class Detection:
 def _lungs(hu: np.ndarray, spacing, masks: dict | None) -> tuple[np.ndarray, np.ndarray]:
     """Left and right lung masks: given ones (lobe unions included) or the classical segmenter's."""
     if masks and ("left_lung" in masks or "right_lung" in masks or any(lobe in masks for lobe in LOBES)):
-        from MedSynLib.evaluation.cases import standard_masks
-
         full = standard_masks(masks)
         empty = np.zeros(hu.shape, dtype=bool)
         return full.get("left_lung", empty), full.get("right_lung", empty)
