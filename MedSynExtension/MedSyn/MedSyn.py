@@ -61,7 +61,8 @@ Generates a synthetic 3D chest CT and its anatomy (lung lobes, airway, vessels) 
 free-text radiology report, with a text-conditioned diffusion model (MedSyn). Optionally
 the anatomy can be given as a segmentation, and the CT is generated to fit it.
 <p><b>Every image made here is synthetic.</b> It shows no patient, is not a diagnosis and must
-not be used for clinical decisions. The embedded default model may be small or untrained;
+not be used for clinical decisions. The embedded default model is a small demonstration
+model trained on phantoms (it draws anatomy but does not yet follow the report's findings);
 results are only as good as the model folder used.</p>
 <p>Console use:</p>
 <pre>
