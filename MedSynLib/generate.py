@@ -20,6 +20,7 @@ from .errors import MedSynError, run_command
 from .geometry import Geometry, fitted_grid, resample
 from .inferers import Tiling
 from .pipeline import EMBEDDED_MODEL, GenerationResult, MedSynPipeline, resolve_device
+from .samplers import SAMPLERS
 from .text_encoder import check_report
 from .volume_io import check_output_folder, read_anatomy, write_result
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage2-steps", type=positive_int, default=None,
                         help="stage-2 sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
-    parser.add_argument("--sampler", choices=["ddim", "dpm++2m"], default=None)
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
+                        help="default: the model's (ddim_reference for converted reference models)")
     parser.add_argument("--anatomy", type=Path, default=None,
                         help="label map (anatomy label values) or .seg.nrrd to generate a CT for; "
                              "the result is returned on its grid")
