@@ -36,6 +36,7 @@ from MedSynLib.evaluation.distribution import distribution_metrics
 from MedSynLib.evaluation.diversity import nearest_real, pairwise_ms_ssim, prepare_volume
 from MedSynLib.evaluation.features import FeatureExtractor, body_crop, get_extractor
 from MedSynLib.evaluation.findings import adherence_rates, detect_findings, requested_findings
+from MedSynLib.volume_io import check_output_folder
 
 HIST_EDGES = np.linspace(-1024.0, 600.0, 82)  # 20 HU bins
 AIRWAY_UNIT = 1e4  # Table 1 reports airway volume in units of 10^4 mm^3
@@ -78,13 +79,6 @@ class CaseResult:
             out["requested_findings"] = {k: (asdict(v) if v is not None else None) for k, v in self.requested.items()}
             out["detected_findings"] = {k: v.as_dict() for k, v in self.detected.items()}
         return out
-
-
-def check_output(out: Path, *, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MedSynError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MedSynError(f"output folder {out} is not empty (use --overwrite to replace its files)")
 
 
 def _segment(segmenter, loaded) -> dict[str, np.ndarray] | None:
@@ -274,7 +268,7 @@ def run_evaluation(real_source: str | Path, fake_source: str | Path, out: str | 
     options = options or EvaluationOptions()
     out = Path(out)
     # 1. Inputs.
-    check_output(out, overwrite=overwrite)
+    check_output_folder(out, overwrite=overwrite)
     real_cases = discover_cases(real_source, role="--real")
     fake_cases = discover_cases(fake_source, role="--fake")
     for role, cases in (("--real", real_cases), ("--fake", fake_cases)):
