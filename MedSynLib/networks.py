@@ -7,6 +7,12 @@ full 3x3x3 residual block; the middle holds per-slice self-attention, per-slice
 cross-attention to the report tokens and a 3D residual block. Stage 1 adds text
 cross-attention and a learned null text for classifier-free guidance; stage 2 takes the
 upsampled low-resolution volume as extra input channels.
+
+Optionally (`pooled_text`, not in the reference) the mean of the report tokens is added to
+the time embedding, as Imagen does: whole-report facts (is there an effusion, on which
+side) then reach every residual block instead of only the lowest-resolution
+cross-attention, which a small network trained briefly learns much sooner. Its last
+layer starts at zero, so adding it to a trained network changes nothing until fine-tuned.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class UNet3DConfig:
     init_kernel: int = 7
     norm_groups: int = 8
     time_scale: float = 1000.0  # the network sees t * time_scale, t in [0, 1]
+    pooled_text: bool = False  # stage 1: also add the mean report token to the time embedding
 
     def __post_init__(self) -> None:
         if self.downsampling not in DOWNSAMPLING:
@@ -51,6 +58,8 @@ class UNet3DConfig:
             raise ValueError("dim_mults must name at least one level")
         if self.init_kernel % 2 == 0:
             raise ValueError("init_kernel must be odd")
+        if self.pooled_text and not self.text_dim:
+            raise ValueError("pooled_text needs text_dim (a text-conditioned stage-1 network)")
 
     @property
     def spatial_divisor(self) -> int:
@@ -186,6 +195,12 @@ class UNet3D(nn.Module):
         )
         if config.text_dim:
             self.null_text = nn.Parameter(torch.randn(1, config.text_tokens, config.text_dim) * 0.02)
+        if config.pooled_text:
+            self.text_to_time = nn.Sequential(
+                nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+            )
+            nn.init.zeros_(self.text_to_time[-1].weight)
+            nn.init.zeros_(self.text_to_time[-1].bias)
 
         widths = [dim * m for m in config.dim_mults]
         pairs = list(zip([dim] + widths[:-1], widths, strict=True))
@@ -246,6 +261,10 @@ class UNet3D(nn.Module):
         time_emb = self.time_mlp(timestep_embedding(t * self.config.time_scale, self.config.dim).to(x.dtype))
         if self.config.text_dim:
             text, text_mask = self.text_or_null(text, text_mask, x.shape[0], drop_text)
+        if self.config.pooled_text:
+            weights = text_mask.to(text.dtype)[:, :, None]
+            pooled = (text * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+            time_emb = time_emb + self.text_to_time(pooled).to(time_emb.dtype)
 
         x = self.init_conv(x)
         init_features, skips = x, []

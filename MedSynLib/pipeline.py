@@ -118,24 +118,31 @@ def stage_config_from_dict(data: dict, *, source: str) -> StageConfig:
     return config_from_dict(StageConfig, {**data, "network": network}, source=source)
 
 
-def _load_stage(folder: Path) -> tuple[StageConfig, UNet3D]:
-    config = stage_config_from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
-    network = config.build_network()
-    weights_path = folder / WEIGHTS
+def load_weights(network: torch.nn.Module, weights_path: Path, *, source: str, may_lack: tuple[str, ...] = ()) -> None:
+    """Load a safetensors file into `network`; every key and shape must fit, except that
+    keys under the module prefixes `may_lack` may be absent (they keep their initial values)."""
     if not weights_path.is_file():
         raise MedSynError(f"missing weights {weights_path}")
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise MedSynError(f"cannot read {weights_path}: {error}") from error
-    missing, unexpected = network.state_dict().keys() - state.keys(), state.keys() - network.state_dict().keys()
-    mismatched = [k for k, v in network.state_dict().items() if k in state and state[k].shape != v.shape]
+    expected = network.state_dict()
+    missing = {k for k in expected.keys() - state.keys() if not k.startswith(may_lack)}
+    unexpected = state.keys() - expected.keys()
+    mismatched = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
         details = [f"{len(missing)} missing (e.g. {sorted(missing)[:2]})" if missing else "",
                    f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})" if unexpected else "",
                    f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})" if mismatched else ""]
-        raise MedSynError(f"{weights_path} does not fit {folder / 'config.json'}: " + "; ".join(d for d in details if d))
-    network.load_state_dict(state)
+        raise MedSynError(f"{weights_path} does not fit {source}: " + "; ".join(d for d in details if d))
+    network.load_state_dict(state, strict=False)
+
+
+def _load_stage(folder: Path) -> tuple[StageConfig, UNet3D]:
+    config = stage_config_from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
+    network = config.build_network()
+    load_weights(network, folder / WEIGHTS, source=str(folder / "config.json"))
     return config, network.eval().requires_grad_(False)
 
 

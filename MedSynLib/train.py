@@ -39,11 +39,13 @@ from .configuration import config_from_dict, config_to_dict, publish, read_json,
 from .data import PreparedDataset
 from .diffusion import training_target
 from .errors import MedSynError, run_command
-from .networks import UNet3D
+from .networks import UNet3D, UNet3DConfig
 from .pipeline import (
+    WEIGHTS,
     MedSynPipeline,
     ModelConfig,
     StageConfig,
+    load_weights,
     resolve_device,
     run_sampler,
     stage_config_from_dict,
@@ -81,6 +83,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
+    init_weights: str = ""  # a model folder whose weights of this stage start the run (fine-tuning)
+    timestep_range: tuple[float, float] = (0.0, 1.0)  # t drawn uniformly in here; narrower to fine-tune coarse layout
     num_workers: int = 2
     patch: tuple[int, int, int] = (64, 72, 72)  # stage 2: slices x height x width
     lowres_noise_max: float = 0.4
@@ -103,6 +107,9 @@ class TrainConfig:
             raise ValueError(f"lr_decay must be constant or cosine, got {self.lr_decay!r}")
         if min(self.steps, self.batch_size, self.grad_accumulation, self.checkpoint_every, self.keep_checkpoints) < 1:
             raise ValueError("steps, batch_size, grad_accumulation, checkpoint_every and keep_checkpoints must be >= 1")
+        low, high = self.timestep_range
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1, got {self.timestep_range}")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -233,6 +240,25 @@ def latest_checkpoint(run: Path, model: UNet3D, ema: UNet3D, optimizer, scaler) 
     return 0
 
 
+def start_from_model(model: UNet3D, stage: str, folder: Path) -> None:
+    """Initialise `model` with the `stage` weights of an exported model folder (fine-tuning).
+
+    The networks must match, except that modules which start as a no-op (`pooled_text`)
+    may be new: a released model can be fine-tuned with them added.
+    """
+    source = folder / stage / "config.json"
+    if not source.is_file():
+        raise MedSynError(f"init_weights: {folder} is not a model folder (no {stage}/config.json)")
+    saved = stage_config_from_dict(read_json(source), source=str(source)).network
+    if not isinstance(saved, UNet3DConfig):
+        raise MedSynError(f"init_weights: the {stage} network of {folder} is a converted reference network; "
+                          f"training builds MedSynLib's own networks only")
+    if replace(saved, pooled_text=model.config.pooled_text) != model.config:
+        raise MedSynError(f"init_weights: the {stage} network of {folder} differs from this run's (preset and network "
+                          f"settings must match it)")
+    load_weights(model, folder / stage / WEIGHTS, source=str(source), may_lack=("text_to_time.",))
+
+
 # ----------------------------------------------------------------------------- training
 class Logger:
     """metrics.jsonl always; TensorBoard scalars too when tensorboard is installed. Rank 0 only."""
@@ -326,6 +352,10 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
     layout = ChannelLayout(dataset.structures)
     if stage == "stage2" and any(p > dataset.size for p in config.patch):
         raise MedSynError(f"patch {config.patch} is larger than the dataset's volumes ({dataset.size}^3)")
+    torch.manual_seed(config.seed)
+    model = UNet3D(stage_cfg.network)
+    if config.init_weights:  # before anything is written: a wrong model folder leaves no run behind
+        start_from_model(model, stage, Path(config.init_weights))
     run.mkdir(parents=True, exist_ok=True)
     saved = run / "run.json"
     if saved.is_file():
@@ -341,8 +371,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
                            "stage_config": config_to_dict(stage_cfg), "world_size": world})
 
     # Model, EMA copy, optimizer, gradient scaler: set once, up front.
-    torch.manual_seed(config.seed)
-    model = UNet3D(stage_cfg.network).to(device)
+    model = model.to(device)
     model.gradient_checkpointing = config.gradient_checkpointing
     ema = UNet3D(stage_cfg.network).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -361,7 +390,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
 
     samples = DiffusionSamples(
         dataset, stage=stage, layout=layout, schedule=stage_cfg.diffusion.make_schedule(), seed=config.seed,
-        cfg_drop=config.cfg_drop, patch=config.patch, lowres_noise_max=config.lowres_noise_max,
+        cfg_drop=config.cfg_drop, timestep_range=config.timestep_range, patch=config.patch, lowres_noise_max=config.lowres_noise_max,
         augmentation=Augmentation(config.zoom, config.rotate_degrees) if config.augment else None,
     )
     sampler = StreamSampler(start_step=start, accumulation=config.grad_accumulation, world=world, rank=rank,
@@ -462,8 +491,12 @@ def check_replicas(model: UNet3D, run: Path, is_main: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- export
-def export(runs: list[Path], out: Path) -> Path:
-    """Combine one stage-1 run and one stage-2 run (their EMA weights) into a model folder."""
+def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
+    """Combine one stage-1 run and one stage-2 run (their EMA weights) into a model folder.
+
+    With `base` (a model folder), a stage without a run is taken from it: fine-tune one
+    stage of a model and export it with the other stage unchanged.
+    """
     stages = {}
     for run in runs:
         info = read_json(run / "run.json")
@@ -472,29 +505,35 @@ def export(runs: list[Path], out: Path) -> Path:
             raise MedSynError(f"{run} has no checkpoint to export")
         config = stage_config_from_dict(info["stage_config"], source=str(run / "run.json"))
         network = config.build_network()
-        try:
-            network.load_state_dict(load_file(checkpoints[-1] / "ema.safetensors"))
-        except (OSError, SafetensorError, RuntimeError) as error:
-            raise MedSynError(f"cannot read {checkpoints[-1] / 'ema.safetensors'}: {error}") from error
+        load_weights(network, checkpoints[-1] / "ema.safetensors", source=str(run / "run.json"))
         if info["stage"] in stages:
             raise MedSynError(f"two {info['stage']} runs given; export takes one run per stage")
-        stages[info["stage"]] = (config, network.eval(), info, int(checkpoints[-1].name.split("_")[1]))
+        stages[info["stage"]] = (config, network.eval(), PreparedDataset(info["data"]),
+                                 f"{int(checkpoints[-1].name.split('_')[1])} steps")
+    base_model = MedSynPipeline.from_pretrained(base) if base is not None else None
+    for stage in STAGES:
+        if stage not in stages and base_model is not None:
+            stages[stage] = (getattr(base_model, f"{stage}_config"), getattr(base_model, stage), None, f"from {base.name}")
     missing = [s for s in STAGES if s not in stages]
     if missing:
-        raise MedSynError(f"export needs one run of each stage; missing {missing}")
-    datasets = {stage: PreparedDataset(stages[stage][2]["data"]) for stage in STAGES}
-    first, second = datasets["stage1"], datasets["stage2"]  # may be one dataset, or two of the same kind
-    if first.structures != second.structures or first.index["text_encoder"] != second.index["text_encoder"]:
-        raise MedSynError("the stage-1 and stage-2 runs were trained on datasets with different structures "
-                          "or text encoders")
-    trained_on = " and ".join(sorted({f"{d.root.name} ({len(d)} cases)" for d in datasets.values()}))
+        raise MedSynError(f"export needs one run of each stage (or --base for the other); missing {missing}")
+    datasets = [entry[2] for entry in stages.values() if entry[2] is not None]
+    encoders = {json.dumps(d.index["text_encoder"], sort_keys=True) for d in datasets}
+    if base_model is not None:
+        encoders.add(json.dumps(config_to_dict(base_model.text_encoder_config), sort_keys=True))
+    if len({d.structures for d in datasets} | ({base_model.config.structures} if base_model else set())) > 1 or len(encoders) > 1:
+        raise MedSynError("the runs (and base model) were trained on datasets with different structures or text encoders")
+    trained_on = " and ".join(sorted({f"{d.root.name} ({len(d)} cases)" for d in datasets}))
+    stage2_data = stages["stage2"][2]
     model_config = ModelConfig(
-        structures=first.structures,
-        spacing_mm=tuple(second.index.get("spacing_mm") or (320.0 / second.size,) * 3),  # stage 2 makes the output grid
+        structures=datasets[0].structures,
+        # stage 2 makes the output grid
+        spacing_mm=(tuple(stage2_data.index.get("spacing_mm") or (320.0 / stage2_data.size,) * 3) if stage2_data
+                    else base_model.config.spacing_mm),
         trained=True,
-        description=f"trained on {trained_on}: stage 1 {stages['stage1'][3]} steps, stage 2 {stages['stage2'][3]} steps",
+        description=f"trained on {trained_on}: stage 1 {stages['stage1'][3]}, stage 2 {stages['stage2'][3]}",
     )
-    text_encoder = config_from_dict(TextEncoderConfig, first.index["text_encoder"])
+    text_encoder = config_from_dict(TextEncoderConfig, datasets[0].index["text_encoder"])
     pipeline = MedSynPipeline(model_config, stages["stage1"][:2], stages["stage2"][:2], text_encoder)
     pipeline.save_pretrained(out)
     return out
@@ -509,9 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig settings")
     parser.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint")
     parser.add_argument("--run", type=Path, action="append", default=[], help="export: a run folder (one per stage)")
+    parser.add_argument("--base", type=Path, default=None, help="export: a model folder giving the stage without a run")
     args = parser.parse_intermixed_args(argv)
     if args.command == "export":
-        print(f"wrote {export(args.run, args.out)}", file=sys.stderr)
+        print(f"wrote {export(args.run, args.out, base=args.base)}", file=sys.stderr)
         return 0
     if args.data is None:
         raise MedSynError("--data is required for training")

@@ -58,11 +58,12 @@ class DiffusionSamples(torch.utils.data.Dataset):
     """Item k -> dict(x0, noisy x_t, t, target noise, condition, text, drop_text) for stage 1 or 2."""
 
     def __init__(self, dataset: PreparedDataset, *, stage: str, layout: ChannelLayout, schedule: NoiseSchedule,
-                 seed: int, cfg_drop: float = 0.1, patch: tuple[int, int, int] = (64, 72, 72),
+                 seed: int, cfg_drop: float = 0.1, timestep_range: tuple[float, float] = (0.0, 1.0), patch: tuple[int, int, int] = (64, 72, 72),
                  lowres_noise_max: float = 0.4, augmentation: Augmentation | None = None):
         self.dataset, self.stage, self.layout, self.schedule = dataset, stage, layout, schedule
         self.seed, self.cfg_drop, self.patch, self.lowres_noise_max = seed, cfg_drop, patch, lowres_noise_max
         self.augmentation = augmentation
+        self.timestep_range = timestep_range
 
     def __len__(self) -> int:
         return 2**62  # an endless stream, indexed by sample number
@@ -80,7 +81,8 @@ class DiffusionSamples(torch.utils.data.Dataset):
         else:
             x0, condition = self._stage2_patch(case, generator)
             sample = {"cond": condition}
-        t = torch.rand(1, generator=generator)
+        low, high = self.timestep_range
+        t = low + (high - low) * torch.rand(1, generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         return {
             **sample,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -86,6 +87,26 @@ def test_padding_tokens_are_ignored(stage1):
     noisy_padding[:, 20:] = torch.randn_like(noisy_padding[:, 20:])
     with torch.no_grad():
         assert torch.allclose(stage1(x, t, text=text, text_mask=mask), stage1(x, t, text=noisy_padding, text_mask=mask), atol=1e-6)
+
+
+def test_pooled_text_starts_as_a_no_op_and_then_carries_the_report(stage1):
+    """A pooled-text path added to a trained network changes nothing until trained; then
+    the report reaches the output through it (and padding tokens still do not)."""
+    pooled = UNet3D(replace(stage1.config, pooled_text=True)).eval()
+    missing, unexpected = pooled.load_state_dict(stage1.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("text_to_time.") for k in missing)
+    x, t = torch.randn(1, CHANNELS, 16, 16, 16), torch.rand(1)
+    text, mask = _text()
+    with torch.no_grad():
+        assert torch.equal(pooled(x, t, text=text, text_mask=mask), stage1(x, t, text=text, text_mask=mask))
+        torch.nn.init.normal_(pooled.text_to_time[-1].weight)
+        changed = pooled(x, t, text=text, text_mask=mask)
+        noisy_padding = text.clone()
+        noisy_padding[:, 20:] = torch.randn_like(noisy_padding[:, 20:])
+        assert torch.allclose(pooled(x, t, text=noisy_padding, text_mask=mask), changed, atol=1e-6)
+    assert not torch.allclose(changed, stage1(x, t, text=text, text_mask=mask), atol=1e-4)
+    with pytest.raises(ValueError, match="pooled_text needs text_dim"):
+        UNet3DConfig(in_channels=8, out_channels=8, pooled_text=True)
 
 
 def test_gradient_checkpointing_gives_same_values_and_gradients(stage1):

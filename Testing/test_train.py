@@ -251,3 +251,42 @@ def test_stage2_condition_is_the_whole_volume_degradation_cropped(phantom_datase
         crop = (slice(None), slice(z0, z0 + 12), slice(y0, y0 + 16), slice(x0, x0 + 16))
         torch.testing.assert_close(item["cond"], low[crop])
         torch.testing.assert_close(item["x0"], full[crop])
+
+
+def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trained_runs, phantom_dataset, tmp_path,
+                                                                            capsys):
+    model = train_module.export([trained_runs / "stage1", trained_runs / "stage2"], tmp_path / "model")
+    run = tmp_path / "finetune"
+    assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=1", "learning_rate=0",
+                     "ema_decay=0", f"init_weights={model}", 'network={"pooled_text": true}') == 0
+    start, before = latest_weights(run), load_file(model / "stage1" / "model.safetensors")
+    assert all(torch.equal(start[k], v) for k, v in before.items())  # lr 0: still the exported weights
+    assert not start["text_to_time.3.weight"].any()
+    # Only the stage without a run comes from --base; the fine-tuned stage 1 replaces the model's.
+    out = tmp_path / "tuned"
+    assert run_train("export", "--run", run, "--base", model, "--out", out) == 0
+    tuned = MedSynPipeline.from_pretrained(out)
+    assert tuned.stage1_config.network.pooled_text and "from model" in tuned.config.description
+    assert all(torch.equal(v, load_file(model / "stage2" / "model.safetensors")[k]) for k, v in tuned.stage2.state_dict().items())
+    capsys.readouterr()
+    assert run_train("stage1", "--data", phantom_dataset, "--out", tmp_path / "wider", *FAST, "steps=1",
+                     f"init_weights={model}", 'network={"dim": 16}') == 2
+    assert "differs from this run's" in capsys.readouterr().err and not (tmp_path / "wider").exists()
+    assert run_train("stage1", "--data", phantom_dataset, "--out", tmp_path / "nowhere", *FAST, "steps=1",
+                     f"init_weights={tmp_path}") == 2
+    assert "is not a model folder" in capsys.readouterr().err
+
+
+def test_timestep_range_bounds_the_training_times(phantom_dataset):
+    from MedSynLib.channels import ChannelLayout
+    from MedSynLib.data import PreparedDataset
+    from MedSynLib.diffusion import DiffusionConfig
+    from MedSynLib.training_data import DiffusionSamples
+
+    dataset = PreparedDataset(phantom_dataset)
+    samples = DiffusionSamples(dataset, stage="stage1", layout=ChannelLayout(dataset.structures),
+                               schedule=DiffusionConfig().make_schedule(), seed=0, timestep_range=(0.4, 1.0))
+    times = [float(samples[k]["t"]) for k in range(12)]
+    assert min(times) >= 0.4 and max(times) <= 1.0
+    with pytest.raises(MedSynError, match="timestep_range"):
+        train_module.resolve_config(None, ["timestep_range=[0.5, 0.2]"])
