@@ -6,7 +6,9 @@
 #
 # Steps: data (phantoms -> prepare, two datasets: 64^3 for stage 1, 128^3 for stage 2),
 # train (both stages; at once on a GPU, one after the other on a CPU), export (model folder),
-# evaluate (text control over the built-in prompts), install (copy into the package).
+# evaluate (text control over the built-in prompts), install (copy into the package),
+# finetune (stage 1 of the installed model with a pooled-text path, on the effusion half of
+# data64; writes WORK/model_finetuned: a GPU job, see README "The demonstration model").
 # TRAIN_ARGS adds key=value settings to both stages, e.g. TRAIN_ARGS="time_limit_minutes=6".
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -52,6 +54,14 @@ for step in $STEPS; do
       "$PYTHON" -m MedSynLib.evaluation.control --model "$WORK/model" --out "$WORK/control_sweep" --samples 16 \
         --guidance 1,2,4 --steps 5,10,20 --workers "$WORKERS"
       ;;
+    finetune)
+      "$PYTHON" "$HERE/effusion_subset.py" "$WORK/data64" "$WORK/data64_effusion"
+      # shellcheck disable=SC2086
+      "$PYTHON" -m MedSynLib.train stage1 --data "$WORK/data64_effusion" --out "$WORK/runs/stage1_finetune" \
+        --config "$HERE/stage1_finetune.json" --resume $TRAIN_ARGS
+      "$PYTHON" -m MedSynLib.train export --run "$WORK/runs/stage1_finetune" --base "$HERE/../../MedSynLib/models/default" \
+        --out "$WORK/model_finetuned"
+      ;;
     install)
       cp "$WORK"/model/model_index.json "$HERE/../../MedSynLib/models/default/"
       for part in stage1 stage2 text_encoder; do
@@ -61,7 +71,7 @@ for step in $STEPS; do
       (cd "$HERE/../../MedSynLib/models/default" && sha256sum model_index.json ./*/*.json ./*/*.safetensors)
       ;;
     *)
-      echo "unknown step $step (data, train, export, evaluate, install)" >&2
+      echo "unknown step $step (data, train, export, evaluate, install, finetune)" >&2
       exit 2
       ;;
   esac

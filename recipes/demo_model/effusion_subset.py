@@ -1,0 +1,38 @@
+"""Write a prepared-dataset view: every case whose report asks for a pleural effusion, and as
+many cases without one.
+
+    python recipes/demo_model/effusion_subset.py DATA OUT
+
+The text fine-tuning of the demonstration model (`stage1_finetune.json`, recipe step
+`finetune`) trains on it, so that half of its samples carry an effusion on one side or the
+other instead of a quarter. OUT/cases links to DATA/cases; OUT/dataset.json is DATA's index
+with the chosen case ids. The reports are read with the evaluation's own report parser.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from MedSynLib.data import INDEX, PreparedDataset, read_case_meta
+from MedSynLib.evaluation.findings import requested_findings
+
+
+def effusion_subset(data: Path, out: Path) -> dict[str, int]:
+    dataset = PreparedDataset(data)
+    with_effusion, without = [], []
+    for case_id in dataset.case_ids:
+        request = requested_findings(read_case_meta(dataset.case_path(case_id))["report"])["effusion"]
+        (with_effusion if request is not None and request.present else without).append(case_id)
+    chosen = set(with_effusion + without[: len(with_effusion)])
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "cases").exists():
+        (out / "cases").symlink_to((data / "cases").resolve())
+    (out / INDEX).write_text(json.dumps({**dataset.index, "cases": [c for c in dataset.case_ids if c in chosen]}, indent=1))
+    return {"with_effusion": len(with_effusion), "without": len(chosen) - len(with_effusion)}
+
+
+if __name__ == "__main__":
+    counts = effusion_subset(Path(sys.argv[1]), Path(sys.argv[2]))
+    print(f"{sys.argv[2]}: {counts['with_effusion']} cases with an effusion, {counts['without']} without")
