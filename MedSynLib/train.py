@@ -518,9 +518,10 @@ def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
     if missing:
         raise MedSynError(f"export needs one run of each stage (or --base for the other); missing {missing}")
     datasets = [entry[2] for entry in stages.values() if entry[2] is not None]
-    encoders = {json.dumps(d.index["text_encoder"], sort_keys=True) for d in datasets}
+    # As configs, not raw JSON: an index written before a field existed reads as its default.
+    encoders = {config_from_dict(TextEncoderConfig, d.index["text_encoder"]) for d in datasets}
     if base_model is not None:
-        encoders.add(json.dumps(config_to_dict(base_model.text_encoder_config), sort_keys=True))
+        encoders.add(base_model.text_encoder_config)
     if len({d.structures for d in datasets} | ({base_model.config.structures} if base_model else set())) > 1 or len(encoders) > 1:
         raise MedSynError("the runs (and base model) were trained on datasets with different structures or text encoders")
     trained_on = " and ".join(sorted({f"{d.root.name} ({len(d)} cases)" for d in datasets}))
@@ -533,8 +534,7 @@ def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
         trained=True,
         description=f"trained on {trained_on}: stage 1 {stages['stage1'][3]}, stage 2 {stages['stage2'][3]}",
     )
-    text_encoder = config_from_dict(TextEncoderConfig, datasets[0].index["text_encoder"])
-    pipeline = MedSynPipeline(model_config, stages["stage1"][:2], stages["stage2"][:2], text_encoder)
+    pipeline = MedSynPipeline(model_config, stages["stage1"][:2], stages["stage2"][:2], encoders.pop())
     pipeline.save_pretrained(out)
     return out
 

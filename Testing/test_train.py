@@ -268,6 +268,15 @@ def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trai
     tuned = MedSynPipeline.from_pretrained(out)
     assert tuned.stage1_config.network.pooled_text and "from model" in tuned.config.description
     assert all(torch.equal(v, load_file(model / "stage2" / "model.safetensors")[k]) for k, v in tuned.stage2.state_dict().items())
+    # A dataset indexed before a text-encoder setting existed still matches the base model's encoder.
+    older = tmp_path / "older_data"
+    shutil.copytree(phantom_dataset, older)
+    index = json.loads((older / "dataset.json").read_text())
+    index["text_encoder"].pop("keep_padding_states", None)
+    (older / "dataset.json").write_text(json.dumps(index))
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "data": str(older)}))
+    assert train_module.export([run], tmp_path / "tuned_again", base=model).is_dir()
     capsys.readouterr()
     assert run_train("stage1", "--data", phantom_dataset, "--out", tmp_path / "wider", *FAST, "steps=1",
                      f"init_weights={model}", 'network={"dim": 16}') == 2
