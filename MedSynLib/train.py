@@ -390,7 +390,8 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
 
     samples = DiffusionSamples(
         dataset, stage=stage, layout=layout, schedule=stage_cfg.diffusion.make_schedule(), seed=config.seed,
-        cfg_drop=config.cfg_drop, timestep_range=config.timestep_range, patch=config.patch, lowres_noise_max=config.lowres_noise_max,
+        cfg_drop=config.cfg_drop, timestep_range=config.timestep_range, patch=config.patch,
+        lowres_noise_max=config.lowres_noise_max,
         augmentation=Augmentation(config.zoom, config.rotate_degrees) if config.augment else None,
     )
     sampler = StreamSampler(start_step=start, accumulation=config.grad_accumulation, world=world, rank=rank,
@@ -497,6 +498,8 @@ def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
     With `base` (a model folder), a stage without a run is taken from it: fine-tune one
     stage of a model and export it with the other stage unchanged.
     """
+    if not runs:
+        raise MedSynError("export needs at least one --run")
     stages = {}
     for run in runs:
         info = read_json(run / "run.json")
@@ -518,11 +521,13 @@ def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
     if missing:
         raise MedSynError(f"export needs one run of each stage (or --base for the other); missing {missing}")
     datasets = [entry[2] for entry in stages.values() if entry[2] is not None]
+    structures = {d.structures for d in datasets}
     # As configs, not raw JSON: an index written before a field existed reads as its default.
     encoders = {config_from_dict(TextEncoderConfig, d.index["text_encoder"]) for d in datasets}
     if base_model is not None:
+        structures.add(base_model.config.structures)
         encoders.add(base_model.text_encoder_config)
-    if len({d.structures for d in datasets} | ({base_model.config.structures} if base_model else set())) > 1 or len(encoders) > 1:
+    if len(structures) > 1 or len(encoders) > 1:
         raise MedSynError("the runs (and base model) were trained on datasets with different structures or text encoders")
     trained_on = " and ".join(sorted({f"{d.root.name} ({len(d)} cases)" for d in datasets}))
     stage2_data = stages["stage2"][2]

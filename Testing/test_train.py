@@ -284,6 +284,8 @@ def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trai
     assert run_train("stage1", "--data", phantom_dataset, "--out", tmp_path / "nowhere", *FAST, "steps=1",
                      f"init_weights={tmp_path}") == 2
     assert "is not a model folder" in capsys.readouterr().err
+    assert run_train("export", "--base", model, "--out", tmp_path / "nothing") == 2
+    assert "at least one --run" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
 
 
 def test_timestep_range_bounds_the_training_times(phantom_dataset):
