@@ -55,6 +55,11 @@ def test_effusion_subset_keeps_every_effusion_case_and_as_many_without(phantom_d
     assert counts == {"with_effusion": len(asked), "without": min(len(asked), len(whole) - len(asked))}
     assert set(asked) <= set(subset.case_ids) and len(subset) == sum(counts.values())
     assert subset.load(0).report == whole.load(whole.case_ids.index(subset.case_ids[0])).report
+    # Packing the view packs its cases only.
+    pack_dataset = _recipe_module("pack_dataset")
+    pack_dataset.pack(tmp_path / "subset", tmp_path / "subset.tar.xz")
+    pack_dataset.unpack(tmp_path / "subset.tar.xz", tmp_path / "unpacked")
+    assert sorted(p.stem for p in (tmp_path / "unpacked" / "cases").iterdir()) == sorted(subset.case_ids)
 
 
 def test_packed_dataset_unpacks_to_the_same_cases(phantom_dataset, tmp_path):

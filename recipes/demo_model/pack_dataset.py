@@ -17,23 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
+from MedSynLib.data import INDEX, PreparedDataset
+
 
 def pack(dataset: Path, archive: Path) -> None:
+    """The index and the cases it lists (a view such as effusion_subset.py's packs only its cases)."""
+    index = PreparedDataset(dataset)
     with tarfile.open(archive, "w:xz", preset=6) as tar:
-        for path in sorted(dataset.rglob("*")):
-            if path.is_dir():
-                continue
-            name = path.relative_to(dataset).as_posix()
-            if path.suffix == ".npz":
-                buffer = io.BytesIO()
-                with np.load(path, allow_pickle=False) as case:
-                    np.savez(buffer, **{key: case[key] for key in case.files})
-                info = tarfile.TarInfo(name)
-                info.size = buffer.tell()
-                buffer.seek(0)
-                tar.addfile(info, buffer)
-            else:
-                tar.add(path, arcname=name)
+        tar.add(dataset / INDEX, arcname=INDEX)
+        for case_id in index.case_ids:
+            buffer = io.BytesIO()
+            with np.load(index.case_path(case_id), allow_pickle=False) as case:
+                np.savez(buffer, **{key: case[key] for key in case.files})
+            info = tarfile.TarInfo(f"cases/{case_id}.npz")
+            info.size = buffer.tell()
+            buffer.seek(0)
+            tar.addfile(info, buffer)
 
 
 def unpack(archive: Path, dataset: Path) -> None:
