@@ -9,11 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from MedSynLib.configuration import config_from_dict
 from MedSynLib.data import PreparedDataset
+from MedSynLib.errors import MedSynError
 from MedSynLib.evaluation.findings import requested_findings
 from MedSynLib.networks import UNet3D
 from MedSynLib.pipeline import EMBEDDED_MODEL
@@ -55,6 +57,8 @@ def test_effusion_subset_keeps_every_effusion_case_and_as_many_without(phantom_d
     assert counts == {"with_effusion": len(asked), "without": min(len(asked), len(whole) - len(asked))}
     assert set(asked) <= set(subset.case_ids) and len(subset) == sum(counts.values())
     assert subset.load(0).report == whole.load(whole.case_ids.index(subset.case_ids[0])).report
+    with pytest.raises(MedSynError, match="asking for an effusion"):  # a cap of 1 leaves no effusion case
+        _recipe_module("effusion_subset").effusion_subset(phantom_dataset, tmp_path / "capped", 1)
     # Packing the view packs its cases only.
     pack_dataset = _recipe_module("pack_dataset")
     pack_dataset.pack(tmp_path / "subset", tmp_path / "subset.tar.xz")
