@@ -29,6 +29,7 @@ from MedSynLib.evaluation.diversity import ms_ssim_3d, nearest_real, number_of_s
 from MedSynLib.evaluation.findings import (
     Request,
     adherence_rates,
+    asks_for,
     detect_cardiomegaly,
     detect_effusion,
     detect_nodule,
@@ -327,6 +328,9 @@ def test_reports_are_read_back_into_requested_findings():
         assert requested["cardiomegaly"] == Request(False)
         normal = requested_findings(write_report((Finding("cardiomegaly"),), rng))
         assert normal == {"nodule": Request(False), "effusion": Request(False), "cardiomegaly": Request(True)}
+    # asks_for: asserted only; silent and denied are both "not asked".
+    assert asks_for("Small left pleural effusion.", "effusion")
+    assert not asks_for("No pleural effusion.", "effusion") and not asks_for("The heart is enlarged.", "effusion")
 
 
 def test_adherence_rates_compare_requested_and_denied():

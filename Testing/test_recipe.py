@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from MedSynLib.configuration import config_from_dict
 from MedSynLib.data import PreparedDataset
 from MedSynLib.errors import MedSynError
-from MedSynLib.evaluation.findings import requested_findings
+from MedSynLib.evaluation.findings import asks_for
 from MedSynLib.networks import UNet3D
 from MedSynLib.pipeline import EMBEDDED_MODEL
 from MedSynLib.presets import PRESETS, stage_configs
@@ -52,8 +52,7 @@ def test_finetune_config_starts_from_the_shipped_stage1_with_a_pooled_text_path(
 def test_effusion_subset_keeps_every_effusion_case_and_as_many_without(phantom_dataset, tmp_path):
     counts = _recipe_module("effusion_subset").effusion_subset(phantom_dataset, tmp_path / "subset")
     subset, whole = PreparedDataset(tmp_path / "subset"), PreparedDataset(phantom_dataset)
-    asked = [c.case_id for c in map(whole.load, range(len(whole))) if requested_findings(c.report)["effusion"]
-             and requested_findings(c.report)["effusion"].present]
+    asked = [c.case_id for c in map(whole.load, range(len(whole))) if asks_for(c.report, "effusion")]
     assert counts == {"with_effusion": len(asked), "without": min(len(asked), len(whole) - len(asked))}
     assert set(asked) <= set(subset.case_ids) and len(subset) == sum(counts.values())
     assert subset.load(0).report == whole.load(whole.case_ids.index(subset.case_ids[0])).report

@@ -23,14 +23,8 @@ from MedSynLib.anatomy import LEFT_LOBES, RIGHT_LOBES
 from MedSynLib.data import PreparedDataset
 from MedSynLib.diffusion import add_noise
 from MedSynLib.evaluation.control import DEFAULT_PROMPTS
-from MedSynLib.evaluation.findings import requested_findings
+from MedSynLib.evaluation.findings import asks_for
 from MedSynLib.pipeline import EMBEDDED_MODEL, MedSynPipeline, load_weights
-
-
-def asks_for_effusion(report: str) -> bool:
-    request = requested_findings(report)["effusion"]
-    return request is not None and request.present
-
 
 PROMPTS = {"left effusion": DEFAULT_PROMPTS[0], "right effusion": DEFAULT_PROMPTS[1], "normal": DEFAULT_PROMPTS[5]}
 
@@ -55,7 +49,7 @@ def main() -> None:
     features = {name: pipeline.encode_report(report) for name, report in PROMPTS.items()}
     dataset = PreparedDataset(args.data)
     cases = (dataset.load(i, low_only=True) for i in range(len(dataset)))
-    for i, case in enumerate(islice((c for c in cases if not asks_for_effusion(c.report)), args.cases)):
+    for i, case in enumerate(islice((c for c in cases if not asks_for(c.report, "effusion")), args.cases)):
         x0 = layout.encode(torch.from_numpy(case.ct_hu_low), {n: torch.from_numpy(m) for n, m in case.masks_low.items()})[None]
         t = torch.tensor([args.t])
         x_t = add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(i)), t, schedule)

@@ -282,6 +282,12 @@ def requested_findings(report: str) -> dict[str, Request | None]:
     return result
 
 
+def asks_for(report: str, kind: str) -> bool:
+    """Whether the report asserts the finding (neither silent about it nor denying it)."""
+    request = requested_findings(report)[kind]
+    return request is not None and request.present
+
+
 def _location(kind: str, sentence: str) -> str | None:
     if kind == "nodule":
         for lobe in LOBES:

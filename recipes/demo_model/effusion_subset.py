@@ -12,21 +12,21 @@ MAX_CASES caps the view (half of it with an effusion), e.g. to fit a transfer li
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from MedSynLib.configuration import write_json
 from MedSynLib.data import INDEX, PreparedDataset, read_case_meta
 from MedSynLib.errors import MedSynError, run_command
-from MedSynLib.evaluation.findings import requested_findings
+from MedSynLib.evaluation.findings import asks_for
 
 
 def effusion_subset(data: Path, out: Path, max_cases: int | None = None) -> dict[str, int]:
     dataset = PreparedDataset(data)
     with_effusion, without = [], []
     for case_id in dataset.case_ids:
-        request = requested_findings(read_case_meta(dataset.case_path(case_id))["report"])["effusion"]
-        (with_effusion if request is not None and request.present else without).append(case_id)
+        asked = asks_for(read_case_meta(dataset.case_path(case_id))["report"], "effusion")
+        (with_effusion if asked else without).append(case_id)
     if max_cases is not None:
         with_effusion = with_effusion[: max_cases // 2]
     if not with_effusion:
@@ -35,7 +35,7 @@ def effusion_subset(data: Path, out: Path, max_cases: int | None = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "cases").exists():
         (out / "cases").symlink_to((data / "cases").resolve())
-    (out / INDEX).write_text(json.dumps({**dataset.index, "cases": [c for c in dataset.case_ids if c in chosen]}, indent=1))
+    write_json(out / INDEX, {**dataset.index, "cases": [c for c in dataset.case_ids if c in chosen]})
     return {"with_effusion": len(with_effusion), "without": len(chosen) - len(with_effusion)}
 
 
