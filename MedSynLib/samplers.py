@@ -69,7 +69,9 @@ class DPMSolverPP2MSampler(Sampler):
 
     With lambda = log(alpha / sigma) and h = lambda_s - lambda_t:
     x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D, where D is x0 at the first step
-    and (1 + 1/2r) x0_i - (1/2r) x0_{i-1}, r = h_{i-1} / h_i, afterwards.
+    and (1 + 1/2r) x0_i - (1/2r) x0_{i-1}, r = h_{i-1} / h_i, afterwards. Where both times
+    fall where alpha_bar is clamped (many steps), h = 0: the step is the identity and the next
+    one starts over at first order.
     """
 
     def set_timesteps(self, num_steps: int) -> None:
@@ -82,6 +84,9 @@ class DPMSolverPP2MSampler(Sampler):
         alpha_t, sigma_t = self._alpha_sigma(index)
         alpha_s, sigma_s = self._alpha_sigma(index + 1)
         h = float(torch.log(torch.tensor(alpha_s / sigma_s)) - torch.log(torch.tensor(alpha_t / sigma_t)))
+        if h == 0.0:
+            self._previous = None
+            return x_t
         derivative = x0
         if self._previous is not None:
             previous_x0, previous_h = self._previous

@@ -17,7 +17,7 @@ from MedSynLib.diffusion import (
     prediction_to_x0,
     training_target,
 )
-from MedSynLib.samplers import classifier_free_guidance, denoise_loop, make_sampler
+from MedSynLib.samplers import SAMPLERS, classifier_free_guidance, denoise_loop, make_sampler
 
 MEAN, STD = 0.5, 0.3  # the Gaussian "data" of the analytic tests
 
@@ -83,6 +83,16 @@ def test_samplers_reproduce_the_data_distribution(sampler, steps):
     samples = sample_gaussian(sampler, steps)
     assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
     assert samples.std().item() == pytest.approx(STD, rel=0.06)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_every_sampler_and_schedule_takes_many_steps(sampler, schedule):
+    # From ~156 cosine (24 linear) steps on, neighbouring times share the clamped alpha_bar.
+    samples = sample_gaussian(sampler, 1000, SCHEDULES[schedule](), n=2_000)
+    assert torch.isfinite(samples).all()
+    assert samples.mean().item() == pytest.approx(MEAN, abs=0.1)
+    assert samples.std().item() == pytest.approx(STD, rel=0.1)
 
 
 def test_samplers_converge_and_the_second_order_one_faster():
