@@ -54,14 +54,22 @@ class Geometry:
 
 
 def fitted_grid(reference: Geometry, size: int) -> Geometry:
-    """A size^3 grid covering the reference's field of view (same direction, voxel corners aligned)."""
-    extent = [n * s for n, s in zip(reference.shape[::-1], reference.spacing, strict=True)]
-    spacing = tuple(e / size for e in extent)
-    direction = np.array(reference.direction).reshape(3, 3)
-    # The first voxel's centre moves from half an old voxel to half a new voxel inside the corner.
-    corner = np.array(reference.origin) - direction @ (np.array(reference.spacing) / 2)
-    origin = tuple(corner + direction @ (np.array(spacing) / 2))
-    return Geometry((size, size, size), spacing, origin, reference.direction)
+    """A size^3 LPS grid (identity direction) over the reference's field of view.
+
+    The networks were trained on LPS-ordered arrays (`prepare` reorients), so they must run
+    on such a grid whatever order the given file stores its voxels in (RAS, slices top to
+    bottom, as Slicer often writes them): the grid spans the physical bounding box of the
+    reference's voxels (exact unless the reference is oblique), and results are resampled
+    back onto the reference's own grid.
+    """
+    direction = np.array(reference.direction, dtype=float).reshape(3, 3)
+    spacing = np.array(reference.spacing, dtype=float)
+    corners_index = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in reference.shape[::-1]], indexing="ij"))
+    corners = np.array(reference.origin)[:, None] + direction @ (spacing[:, None] * corners_index.reshape(3, -1))
+    low, high = corners.min(axis=1), corners.max(axis=1)
+    new_spacing = (high - low) / size
+    origin = low + new_spacing / 2
+    return Geometry((size, size, size), tuple(float(v) for v in new_spacing), tuple(float(v) for v in origin))
 
 
 def resample(array: np.ndarray, source: Geometry, target: Geometry, *, labels: bool) -> np.ndarray:

@@ -79,6 +79,38 @@ def test_anatomy_file_conditions_the_result_on_its_grid(result_dir, tmp_path, ti
     assert (given == got).mean() > 0.97  # equal up to the round trip through the 32^3 model grid
 
 
+def _stored_as(image: sitk.Image, flip_xyz: tuple[bool, bool, bool]) -> sitk.Image:
+    """The same voxels in physical space, stored in the other order along the flipped axes."""
+    array = sitk.GetArrayFromImage(image)[tuple(slice(None, None, -1 if f else 1) for f in flip_xyz[::-1])]
+    first = [n - 1 if f else 0 for n, f in zip(image.GetSize(), flip_xyz, strict=True)]
+    flipped = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    flipped.SetSpacing(image.GetSpacing())
+    flipped.SetOrigin(image.TransformIndexToPhysicalPoint(first))
+    signs = np.diag([-1.0 if f else 1.0 for f in flip_xyz])
+    flipped.SetDirection(tuple((np.reshape(image.GetDirection(), (3, 3)) @ signs).ravel()))
+    return flipped
+
+
+def test_anatomy_gives_the_same_result_whatever_order_its_file_stores_voxels_in(result_dir, tmp_path, tiny_model_dir):
+    # The network runs on an LPS grid over the given field of view; RAS (as nibabel's canonical
+    # form writes it) and slices top to bottom must not mirror what the model draws freely.
+    labels = sitk.ReadImage(str(result_dir / "anatomy.nii.gz"))
+    orders = {"lps": (False, False, False), "ras": (True, True, False), "z_flipped": (False, False, True)}
+    results = {}
+    for name, flip in orders.items():
+        sitk.WriteImage(_stored_as(labels, flip), str(tmp_path / f"{name}.nii.gz"))
+        out = tmp_path / f"out_{name}"
+        assert generate("--model", tiny_model_dir, "--report", REPORT, "--out", out, "--anatomy",
+                        tmp_path / f"{name}.nii.gz", "--seed", 3, "--progress", "none") == 0
+        ct = sitk.ReadImage(str(out / "ct.nii.gz"))
+        assert ct.GetDirection() == pytest.approx(_stored_as(labels, flip).GetDirection())
+        back = _stored_as(ct, flip)  # back to LPS storage
+        assert back.GetDirection() == pytest.approx(labels.GetDirection())
+        results[name] = sitk.GetArrayFromImage(back)
+    assert np.abs(results["ras"].astype(int) - results["lps"]).max() <= 1
+    assert np.abs(results["z_flipped"].astype(int) - results["lps"]).max() <= 1
+
+
 def test_jsonl_progress_is_machine_readable(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "jsonl"
     assert generate("--model", tiny_model_dir, "--report", REPORT, "--out", out, "--progress", "jsonl",

@@ -705,16 +705,23 @@ MEDSYN_CLI_PRESENT = all(
 )
 
 
-@pytest.mark.skipif(not MEDSYN_CLI_PRESENT, reason="needs torch and MedSynLib.generate / MedSynLib.init_model")
-def test_run_generation_with_the_real_library_and_a_tiny_model(scene, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_cli_model(tmp_path_factory):
+    if not MEDSYN_CLI_PRESENT:
+        pytest.skip("needs torch and MedSynLib.generate / MedSynLib.init_model")
     from MedSynSlicerLib import job
 
-    model = tmp_path / "tiny-model"
+    model = tmp_path_factory.mktemp("tiny-model") / "model"
     subprocess.run(
         [sys.executable, "-m", "MedSynLib.init_model", "--preset", "tiny", "--out", str(model)],
         check=True, cwd=str(job.library_root()), env={**os.environ, **job.child_environment()},
         capture_output=True, text=True, timeout=300,
     )
+    return model
+
+
+def test_run_generation_with_the_real_library_and_a_tiny_model(scene, tiny_cli_model):
+    model = tiny_cli_model
     events = []
     result = runner.run_generation(
         scene, GenerationRequest(REPORT, seed=5, steps=2, model_dir=str(model), device="cpu"),
@@ -726,3 +733,22 @@ def test_run_generation_with_the_real_library_and_a_tiny_model(scene, tmp_path):
     assert ct.ndim == 3 and ct.min() >= -1024 and ct.max() <= 600
     assert result.segmentation_node.GetSegmentation().GetNumberOfSegments() >= 1
     assert result.volume_node.GetAttribute(mrml.SYNTHETIC_ATTRIBUTE) == "true"
+
+
+def test_conditioning_gives_the_same_result_whatever_order_the_reference_stores_voxels_in(scene, tiny_cli_model):
+    # Slicer volumes often have negative direction cosines (IJK -> RAS identity is LPS diag(-1, -1, 1)):
+    # the library must run the network on an LPS grid, so the freely drawn CT does not mirror.
+    lps = Geometry(shape=(16, 16, 16), spacing=(2.0, 2.0, 2.0), origin=(-15.0, -15.0, -15.0))
+    stored = Geometry(shape=lps.shape, spacing=lps.spacing, origin=(15.0, 15.0, -15.0),
+                      direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # x and y reversed
+    labels = sample_labels((16, 16, 16))
+    cts = {}
+    for name, geometry, array in (("lps", lps, labels), ("reversed", stored, labels[:, ::-1, ::-1].copy())):
+        user = mrml.segmentation_node_from_labels(scene, array, geometry, LOBES, None, f"user {name}", show_3d=False)
+        result = runner.run_generation(
+            scene, GenerationRequest(REPORT, seed=4, steps=2, model_dir=str(tiny_cli_model), device="cpu"),
+            conditioning_segmentation=user, reference=geometry, python_executable=sys.executable, show_3d=False,
+        )
+        np.testing.assert_allclose(matrix_of(result.volume_node), mrml.ijk_to_ras(geometry), atol=1e-4)
+        cts[name] = mrml._array_of_image(result.volume_node.GetImageData()).astype(int)
+    assert np.abs(cts["reversed"][:, ::-1, ::-1] - cts["lps"]).max() <= 1
