@@ -46,6 +46,20 @@ EFFUSION_GRADES: tuple[tuple[str, float], ...] = (("small", 20.0), ("moderate", 
 # Depth ranges (mm) phantoms draw for each grade, and how often.
 _EFFUSION_DEPTHS = {"small": (12.0, 18.0), "moderate": (22.0, 32.0), "large": (38.0, 48.0)}
 _EFFUSION_ODDS = (0.5, 0.35, 0.15)
+_NODULE_DIAMETERS_MM = (8.0, 20.0)
+
+
+@dataclass(frozen=True)
+class LesionSizes:
+    """How large drawn lesions are: effusion grade odds (small, moderate, large), nodule diameters (mm)."""
+
+    effusion_grade_odds: tuple[float, float, float] = _EFFUSION_ODDS
+    nodule_diameter_mm: tuple[float, float] = _NODULE_DIAMETERS_MM
+
+
+# Larger lesions for teaching a coarse (10 mm voxel) stage-1 grid the report: a small effusion
+# or an 8 mm nodule is one voxel there, too faint to learn from in a CPU-sized training run.
+VISIBLE_LESIONS = LesionSizes(effusion_grade_odds=(0.2, 0.4, 0.4), nodule_diameter_mm=(12.0, 22.0))
 CARDIOMEGALY_CTR = 0.55  # cardio-thoracic ratio above which the heart reads as enlarged
 
 # The grid anatomy is planned on (targets of airway and vessel trees, nodule sites): fixed in
@@ -650,6 +664,23 @@ def random_findings(rng: np.random.Generator) -> tuple[Finding, ...]:
     return tuple(findings)
 
 
+def balanced_findings(index: int) -> tuple[Finding, ...]:
+    """The findings of case `index` of a set balanced for learning the report.
+
+    In every 60 consecutive cases, each pair of (effusion left / right / none, cardiomegaly or
+    not) comes 10 times: 5 times with no nodule and once with a nodule in each of the 5 lobes.
+    """
+    findings = []
+    if index % 3 < 2:
+        findings.append(Finding("effusion", SIDES[index % 3]))
+    if (index // 3) % 2:
+        findings.append(Finding("cardiomegaly"))
+    nodule_slot = (index // 6) % (2 * len(LOBES))
+    if nodule_slot % 2:
+        findings.append(Finding("nodule", LOBES[nodule_slot // 2]))
+    return tuple(findings)
+
+
 def lobe_text(lobe: str) -> str:
     """'right_upper_lobe' -> 'right upper lobe': the words the report uses for a lobe."""
     return lobe.replace("_", " ")
@@ -786,12 +817,13 @@ def make_phantom(
     seed: int = 0,
     findings: tuple[Finding, ...] | None = None,
     fov_mm: float = 320.0,
+    lesions: LesionSizes = LesionSizes(),
 ) -> Phantom:
     """A synthetic chest CT of `size` voxels ((D, H, W) for a tuple) over a `fov_mm` cube.
 
     findings=None draws random findings from the seed; () means a normal chest. The same
     seed gives the same anatomy whatever the size or findings, so a finding's effect can
-    be measured against the same chest without it.
+    be measured against the same chest without it. `lesions` sets how large findings are drawn.
     """
     # 1. Check inputs; one independent random stream per purpose.
     shape = _as_shape(size)
@@ -811,7 +843,7 @@ def make_phantom(
     depths: dict[Finding, float] = {}  # effusion -> fluid depth (mm)
     for finding in findings:
         if finding.kind == "effusion":
-            grade = lesion_rng.choice(len(_EFFUSION_DEPTHS), p=_EFFUSION_ODDS)
+            grade = lesion_rng.choice(len(_EFFUSION_DEPTHS), p=lesions.effusion_grade_odds)
             depths[finding] = float(lesion_rng.uniform(*list(_EFFUSION_DEPTHS.values())[grade]))
     plan_fluid = np.zeros(plan.shape, dtype=bool)
     for finding, depth in depths.items():
@@ -820,7 +852,7 @@ def make_phantom(
     nodules: dict[Finding, tuple[np.ndarray, float]] = {}  # nodule -> (centre, diameter mm)
     for finding in findings:
         if finding.kind == "nodule":
-            diameter = float(np.round(lesion_rng.uniform(8.0, 20.0)))
+            diameter = float(np.round(lesion_rng.uniform(*lesions.nodule_diameter_mm)))
             lobe = plan_body.lobes[finding.location] & ~plan_fluid
             nodules[finding] = (_nodule_centre(lobe, plan, diameter / 2, lesion_rng), diameter)
 

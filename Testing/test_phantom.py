@@ -13,8 +13,11 @@ from MedSynLib.phantom import (
     CARDIOMEGALY_CTR,
     FINDING_KINDS,
     NEGATIONS,
+    SIDES,
+    VISIBLE_LESIONS,
     Finding,
     Phantom,
+    balanced_findings,
     lobe_text,
     make_phantom,
     random_findings,
@@ -401,3 +404,32 @@ def test_random_findings_cover_every_kind():
     assert kinds == set(FINDING_KINDS)
     assert {f.location for d in draws for f in d if f.kind == "nodule"} == set(LOBES)
     assert all(len(set(d)) == len(d) for d in draws)
+
+
+def test_balanced_findings_repeat_every_combination_in_60_cases():
+    designs = [balanced_findings(i) for i in range(120)]
+    combos = [frozenset(d) for d in designs[:60]]
+    with_nodule = [c for c in combos if any(f.kind == "nodule" for f in c)]
+    assert len(set(with_nodule)) == len(with_nodule) == 30 and len(set(combos)) == 36
+    assert designs[60:] == designs[:60]
+    effusions = [next((f.location for f in d if f.kind == "effusion"), None) for d in designs[:60]]
+    assert {side: effusions.count(side) for side in (*SIDES, None)} == {"left": 20, "right": 20, None: 20}
+    assert sum(Finding("cardiomegaly") in d for d in designs[:60]) == 30
+    nodule_lobes = [f.location for d in designs[:60] for f in d if f.kind == "nodule"]
+    assert sorted(set(nodule_lobes)) == sorted(LOBES) and len(nodule_lobes) == 30
+
+
+def test_visible_lesions_draw_larger_nodules_and_effusions():
+    nodule = Finding("nodule", "right_lower_lobe")
+    diameters = []
+    for seed in range(6):
+        p = make_phantom(32, seed=seed, findings=(nodule,), lesions=VISIBLE_LESIONS)
+        diameters.append(float(p.report.split(" mm ")[0].split()[-1]))
+    low, high = VISIBLE_LESIONS.nodule_diameter_mm
+    assert all(low <= d <= high for d in diameters)
+    effusion = (Finding("effusion", "left"),)
+    default = [volume_ml(make_phantom(32, seed=s, findings=effusion).finding_masks["effusion"], (10.0,) * 3)
+               for s in range(8)]
+    visible = [volume_ml(make_phantom(32, seed=s, findings=effusion, lesions=VISIBLE_LESIONS)
+                         .finding_masks["effusion"], (10.0,) * 3) for s in range(8)]
+    assert np.mean(visible) > np.mean(default)
