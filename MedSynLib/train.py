@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .channels import ChannelLayout
 from .configuration import config_from_dict, config_to_dict, publish, read_json, write_json
 from .data import PreparedDataset
-from .diffusion import training_target
+from .diffusion import focus_weights, training_target, weighted_mse
 from .errors import MedSynError, run_command
 from .networks import UNet3D, UNet3DConfig
 from .pipeline import (
@@ -46,6 +46,7 @@ from .pipeline import (
     ModelConfig,
     StageConfig,
     load_weights,
+    place_network,
     resolve_device,
     run_sampler,
     stage_config_from_dict,
@@ -82,12 +83,15 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16" or "fp16" (with a gradient scaler)
     gradient_checkpointing: bool = False
     compile: bool = False
+    channels_last: bool = True  # on CPU, 3D kernels channels-last as in generation (faster with oneDNN)
     seed: int = 0
     init_weights: str = ""  # a model folder whose weights of this stage start the run (fine-tuning)
     timestep_range: tuple[float, float] = (0.0, 1.0)  # t drawn uniformly in here; narrower to fine-tune coarse layout
     num_workers: int = 2
     patch: tuple[int, int, int] = (64, 72, 72)  # stage 2: slices x height x width
     lowres_noise_max: float = 0.4
+    focus_weight: float = 0.0  # > 0: loss weight 1 + focus_weight near focus_structures (thin ones)
+    focus_structures: tuple[str, ...] = ("airway", "vessels")
     augment: bool = True
     zoom: tuple[float, float] = (0.9, 1.1)
     rotate_degrees: float = 10.0
@@ -110,6 +114,8 @@ class TrainConfig:
         low, high = self.timestep_range
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1, got {self.timestep_range}")
+        if not self.focus_weight >= 0:
+            raise ValueError(f"focus_weight must be >= 0, got {self.focus_weight}")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -352,6 +358,11 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
     layout = ChannelLayout(dataset.structures)
     if stage == "stage2" and any(p > dataset.size for p in config.patch):
         raise MedSynError(f"patch {config.patch} is larger than the dataset's volumes ({dataset.size}^3)")
+    focus = [n for n in config.focus_structures if n in layout.structures]
+    if config.focus_weight > 0 and not focus:
+        raise MedSynError(f"focus_weight needs one of focus_structures {list(config.focus_structures)} in the "
+                          f"dataset's structures {list(layout.structures)}")
+    focus_channels = layout.channels_of(focus) if config.focus_weight > 0 else []
     torch.manual_seed(config.seed)
     model = UNet3D(stage_cfg.network)
     if config.init_weights:  # before anything is written: a wrong model folder leaves no run behind
@@ -371,10 +382,14 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
                            "stage_config": config_to_dict(stage_cfg), "world_size": world})
 
     # Model, EMA copy, optimizer, gradient scaler: set once, up front.
-    model = model.to(device)
-    model.gradient_checkpointing = config.gradient_checkpointing
-    ema = UNet3D(stage_cfg.network).to(device).requires_grad_(False)
+    ema = UNet3D(stage_cfg.network).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    for network in (model, ema):
+        if config.channels_last:
+            place_network(network, device)
+        else:
+            network.to(device)
+    model.gradient_checkpointing = config.gradient_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
     start = latest_checkpoint(run, model, ema, optimizer, scaler) if resume else 0
@@ -432,7 +447,8 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
                                      cond=batch.get("cond"))
                 target = training_target(batch["x0"], batch["noise"], batch["t"], samples.schedule,
                                          stage_cfg.diffusion.prediction_type)
-                loss = F.mse_loss(output.float(), target.float()) / config.grad_accumulation
+                weights = focus_weights(batch["x0"], focus_channels, config.focus_weight)
+                loss = weighted_mse(output, target, weights) / config.grad_accumulation
             scaler.scale(loss).backward()
             total_loss += loss.item()
         if not math.isfinite(total_loss):

@@ -301,3 +301,33 @@ def test_timestep_range_bounds_the_training_times(phantom_dataset):
     assert min(times) >= 0.4 and max(times) <= 1.0
     with pytest.raises(MedSynError, match="timestep_range"):
         train_module.resolve_config(None, ["timestep_range=[0.5, 0.2]"])
+
+
+def test_focus_weights_weigh_the_thin_structures_and_their_border_only():
+    from MedSynLib.diffusion import focus_weights, weighted_mse
+
+    x0 = -torch.ones(1, 3, 8, 8, 8)
+    x0[0, 2, 4, 4, 4] = 1.0  # one voxel of the structure in channel 2
+    weights = focus_weights(x0, [2], 9.0)
+    assert weights.shape == (1, 1, 8, 8, 8)
+    assert weights[0, 0, 3:6, 3:6, 3:6].eq(10.0).all() and weights.sum() == 8**3 + 9.0 * 27
+    assert focus_weights(x0, [1], 9.0).eq(1.0).all()  # channel 1 holds nothing
+    assert focus_weights(x0, [2], 0.0) is None
+    output, target = torch.randn(1, 3, 8, 8, 8), torch.randn(1, 3, 8, 8, 8)
+    assert torch.allclose(weighted_mse(output, target, torch.ones(1, 1, 8, 8, 8)), weighted_mse(output, target))
+    error = torch.zeros_like(target)
+    error[0, :, 4, 4, 4] = 1.0  # an error at the structure counts 10x as much as one elsewhere
+    far = torch.zeros_like(target)
+    far[0, :, 0, 0, 0] = 1.0
+    assert weighted_mse(error, torch.zeros_like(target), weights) == pytest.approx(
+        10 * weighted_mse(far, torch.zeros_like(target), weights))
+
+
+def test_focus_weight_trains_and_needs_a_thin_structure_in_the_dataset(phantom_dataset, tmp_path, capsys):
+    run = tmp_path / "focus"
+    assert run_train("stage2", "--data", phantom_dataset, "--out", run, *FAST, "steps=2", "focus_weight=8") == 0
+    assert all(np.isfinite(losses(run)))
+    code = run_train("stage2", "--data", phantom_dataset, "--out", tmp_path / "none", *FAST, "steps=2",
+                     "focus_weight=8", 'focus_structures=["heart"]')
+    assert code != 0 and "focus_weight needs one of" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
