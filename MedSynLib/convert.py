@@ -1,27 +1,39 @@
 """Import the reference implementation's released checkpoints into a MedSyn model folder.
 
     python -m MedSynLib.convert reference --stage1 PATH --stage2 PATH \\
-        [--text-encoder DIR|reference|embedded] [--weights ema|model] --out MODEL_DIR
+        [--text-encoder DIR|reference|embedded] [--weights ema|model] [--up-order evaluation|training] \\
+        --out MODEL_DIR
 
 PATH is a state dict (`.bin` / `.pt` / `.pth` / `.ckpt` pickle, or `.safetensors`) or an
 `accelerate` checkpoint folder (`save_state`): the reference's trainers prepare the model
 first and the EMA model second, so `pytorch_model.bin` / `model.safetensors` hold the
 trained weights and `pytorch_model_1.bin` / `model_1.safetensors` (or any `ema*` file) the
-EMA. Pickles are read only with `torch.load(weights_only=True)`: a file holding anything
-but tensors and plain containers is refused. Wrapper prefixes (`module.`, `denoise_fn.`,
-`ema_model.`, `model.`, `_orig_mod.`) are stripped and the diffusion wrapper's schedule
-buffers ignored; then every key and shape must match `ReferenceUNet3D`, or the command
-stops (exit 2) naming the missing, unexpected and mis-shaped keys.
+EMA. Each stage defaults to the weights the authors' evaluation scripts sample with:
+stage 1 the EMA (`eval_low_res_given_prompt.py` samples with its EMA model), stage 2 the
+trained, non-EMA weights (`eval_super_res.py` prepares a single model, which accelerate's
+`load_state` fills from the index-0 file); `--weights` sets both. Pickles are read only with
+`torch.load(weights_only=True)`: a file holding anything but tensors and plain containers is
+refused. Wrapper prefixes (`module.`, `denoise_fn.`, `ema_model.`, `model.`, `_orig_mod.`) are
+stripped; the diffusion wrapper's schedule buffers (including the five `ddim_*` buffers of the
+older training code) are ignored and listed in the report; the middle spatial attention that
+the reference shares between blocks is re-tied when a checkpoint stores it under one name only
+(accelerate's safetensors saving keeps one name per shared tensor). Then every key and shape
+must match `ReferenceUNet3D`, or the command stops (exit 2) naming the missing, unexpected and
+mis-shaped keys.
 
 The model folder gets the reference's semantics: 4 channels in the "reference" encoding
 (CT, lobe label, airway, vessel) for the "lobes" structures, x0 prediction, the cosine
-schedule as the reference samples it (`cosine_reference`: alpha_bar clipped to [0, 1] only),
-its DDIM loop (`ddim_reference`: 50 moves on t = 1, 0.98, ..., 0 and the x0 predicted at
-t = 0, i.e. 51 network calls for stage 1 and 21 for stage 2, x0 clipped to [-1, 1]), no
+schedule with alpha_bar clamped to [1e-4, 1 - 1e-4] as the reference's `src/utils.py` trains
+and samples, its DDIM loop (`ddim_reference`: 50 moves on t = 1, 0.98, ..., 0 and the x0
+predicted at t = 0, i.e. 51 network calls for stage 1 and 21 for stage 2, x0 clipped to
+[-1, 1]; the reference's integer stride int(1000 / n) for other step counts), no
 guidance (the reference samples with cond_scale 1), and the report encoder
 CXR-BERT-specialized with the reference's features (192 tokens, [PAD] hidden states kept,
 no mask): the authors' fine-tuned folder when given (copied into `text_encoder/`), else the
-hub id with trust_remote_code. Remaining differences: the reference runs stage 1 in fp16
+hub id with trust_remote_code; the `classifier.*` head of their fine-tuned state dict is not
+part of the encoder and is ignored (their loader ignores it too, strict=False) and listed.
+The up levels run in the evaluation scripts' order unless `--up-order training` asks for the
+training scripts' (see `reference_networks.py`). Remaining differences: the reference runs stage 1 in fp16
 (`--dtype float16` on a GPU comes close) and truncates HU toward zero where we round (at
 most 1 HU).
 
@@ -39,11 +51,13 @@ on a centred grid of 1.25 mm voxels (320 mm field of view); the reference writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pickle
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -55,6 +69,7 @@ from .diffusion import DiffusionConfig
 from .errors import MedSynError, run_command
 from .pipeline import MedSynPipeline, ModelConfig, StageConfig
 from .reference_networks import (
+    UP_ORDERS,
     ReferenceUNet3D,
     ReferenceUNetConfig,
     reference_stage1_config,
@@ -63,17 +78,25 @@ from .reference_networks import (
 from .text_encoder import TextEncoderConfig, encoder_hidden_size, resolve_model_path
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "denoise_fn.", "ema_model.", "model.")
-# Buffers of the reference's GaussianDiffusion wrapper and of EMA helpers: not network weights.
+# Buffers of the reference's GaussianDiffusion wrapper (the older training code's ddim_* ones
+# included) and of EMA helpers: not network weights, ignored and listed in the report.
 IGNORED_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "ddim_sigmas", "ddim_alphas", "ddim_alphas_prev", "ddim_sqrt_one_minus_alphas", "ddim_sigmas_for_original_num_steps",
     "initted", "step",
 })
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # In a checkpoint dict that is not itself a state dict, where each kind of weights lives.
 NESTED_KEYS = {"ema": ("ema", "ema_model", "ema_state_dict"), "model": ("model", "state_dict", "model_state_dict")}
 WEIGHT_CHOICES = ("ema", "model")
+# What the authors' evaluation scripts load: stage 1 samples with its EMA model; stage 2
+# prepares one model, which accelerate's load_state fills from the index-0 (trained) file.
+DEFAULT_WEIGHTS = {"stage1": "ema", "stage2": "model"}
+WEIGHT_LABELS = {"ema": "EMA weights", "model": "trained (non-EMA) weights"}
+LOADED_BY = {"stage1": "eval_low_res_given_prompt.py", "stage2": "eval_super_res.py"}
+TEXT_HEAD_PREFIX = "classifier."  # the fine-tuned encoder's classification head: not used for features
 REFERENCE_TEXT_POSITIONS = 2048  # the reference grows CXR-BERT's 512 learned positions to 2048
 POSITION_BUFFERS = ("position_ids", "token_type_ids")  # derived from the table size, not learned
 
@@ -97,18 +120,30 @@ def find_weight_file(folder: Path, weights: str) -> Path:
 
 def read_checkpoint(path: str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
     """A flat {name: tensor} from a weights file or an accelerate checkpoint folder (pickles: weights_only)."""
+    return _read_weights(path, weights)[0]
+
+
+def _read_weights(path: str | Path, weights: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The weights and, where `weights` chose among several, the file or entry chosen (for the report)."""
     if weights not in WEIGHT_CHOICES:
         raise MedSynError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     path = Path(path)
-    if path.is_dir():
+    chosen = path.is_dir()
+    if chosen:
         path = find_weight_file(path, weights)
     if not path.is_file():
         raise MedSynError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(path)
+            state, origin = load_file(path), str(path)
         except (SafetensorError, OSError) as error:
             raise MedSynError(f"cannot read {path}: {error}") from error
+    else:
+        state, origin = _read_pickle(path, weights)
+    return state, origin if chosen or origin != str(path) else None
+
+
+def _read_pickle(path: Path, weights: str) -> tuple[dict[str, torch.Tensor], str]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -119,41 +154,61 @@ def read_checkpoint(path: str | Path, weights: str = "ema") -> dict[str, torch.T
     return _state_dict_of(data, weights, path)
 
 
-def _state_dict_of(data: object, weights: str, path: Path) -> dict[str, torch.Tensor]:
+def _state_dict_of(data: object, weights: str, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not isinstance(data, dict):
         raise MedSynError(f"{path} holds a {type(data).__name__}, not a state dict")
+    origin = str(path)
     if not all(isinstance(v, torch.Tensor) for v in data.values()):
-        nested = [data[k] for k in NESTED_KEYS[weights] if isinstance(data.get(k), dict)]
+        nested = [k for k in NESTED_KEYS[weights] if isinstance(data.get(k), dict)]
         if not nested:
             raise MedSynError(
                 f"{path} is not a flat state dict and has no {weights} weights under {list(NESTED_KEYS[weights])} "
                 f"(top-level keys: {sorted(map(str, data))[:8]})"
             )
-        data = nested[0]
+        data, origin = data[nested[0]], f"{path}[{nested[0]!r}]"
     others = sorted(str(k) for k, v in data.items() if not isinstance(v, torch.Tensor))
     if others:
         raise MedSynError(f"{path}: entries that are not tensors: {others[:5]}")
-    return dict(data)
+    return dict(data), origin
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (repeatedly, e.g. `module.denoise_fn.`) and drop non-network buffers."""
+    """Remove wrapper prefixes, repeatedly (e.g. `module.denoise_fn.`)."""
     stripped = {}
     for key, value in state.items():
         name = key
         while name.startswith(WRAPPER_PREFIXES):
             name = name[next(len(p) for p in WRAPPER_PREFIXES if name.startswith(p)):]
-        if name in IGNORED_KEYS:
-            continue
         if name in stripped:
             raise MedSynError(f"two checkpoint entries map to {name!r} once wrapper prefixes are removed")
         stripped[name] = value
     return stripped
 
 
-def match_state_dict(network: ReferenceUNet3D, state: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
-    """Check every key and shape against the network; returns float32 tensors in the network's key order."""
+class MatchedState(NamedTuple):
+    """A checkpoint fitted to the network, and what was done to fit it (for the conversion report)."""
+
+    state: dict[str, torch.Tensor]  # float32 tensors in the network's key order
+    ignored: list[str]  # entries that are not network weights (IGNORED_KEYS)
+    retied: list[str]  # shared weights the checkpoint stored under another name only
+
+
+def match_state_dict(network: ReferenceUNet3D, state: dict[str, torch.Tensor], *, source: str) -> MatchedState:
+    """Check every key and shape against the network, ignoring non-network buffers and re-tying shared weights."""
     expected = network.state_dict()
+    ignored = sorted(k for k in state if k in IGNORED_KEYS and k not in expected)
+    state = {k: v for k, v in state.items() if k not in ignored}
+    # Weights the reference shares (its middle spatial attention), grouped by storage.
+    shared: dict[int, list[str]] = {}
+    for name, value in expected.items():
+        if value.numel():
+            shared.setdefault(value.data_ptr(), []).append(name)
+    absent = {k for k in expected if k not in state}
+    for names in shared.values():
+        stored = [n for n in names if n in state]
+        if stored:
+            state.update({n: state[stored[0]] for n in names if n in absent})
+    retied = [k for k in expected if k in absent and k in state]
     missing = [k for k in expected if k not in state]
     unexpected = sorted(k for k in state if k not in expected)
     mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
@@ -164,20 +219,34 @@ def match_state_dict(network: ReferenceUNet3D, state: dict[str, torch.Tensor], *
                  f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]})" if mismatched else ""]
         raise MedSynError(f"{source} does not fit the reference {network.config.variant} network "
                           f"(dim {network.config.dim}): " + "; ".join(p for p in parts if p))
-    # Weights the reference shares (its middle spatial attention) must agree in every copy.
-    by_parameter: dict[int, str] = {}
-    for name, value in expected.items():
-        first = by_parameter.setdefault(value.data_ptr(), name) if value.numel() else name
-        if first != name and not torch.equal(state[first], state[name]):
-            raise MedSynError(f"{source}: {name} should equal the shared weight {first} but differs")
-    return {k: state[k].float() if state[k].is_floating_point() else state[k] for k in expected}
+    for first, *others in shared.values():
+        for name in others:
+            if not torch.equal(state[first], state[name]):
+                raise MedSynError(f"{source}: {name} should equal the shared weight {first} but differs")
+    fitted = {k: state[k].float() if state[k].is_floating_point() else state[k] for k in expected}
+    return MatchedState(fitted, ignored, retied)
 
 
-def load_reference_network(path: str | Path, config: ReferenceUNetConfig, weights: str = "ema") -> ReferenceUNet3D:
+def load_reference_network(path: str | Path, config: ReferenceUNetConfig, weights: str, *,
+                           stage: str) -> tuple[ReferenceUNet3D, str]:
+    """The network with the checkpoint's weights, and the conversion report's line about it."""
     network = ReferenceUNet3D(config)
-    state = match_state_dict(network, strip_prefixes(read_checkpoint(path, weights)), source=str(path))
-    network.load_state_dict(state)
-    return network.eval().requires_grad_(False)
+    state, origin = _read_weights(path, weights)
+    matched = match_state_dict(network, strip_prefixes(state), source=str(path))
+    network.load_state_dict(matched.state)
+    authors = f"the authors' {LOADED_BY[stage]} samples with the {WEIGHT_LABELS[DEFAULT_WEIGHTS[stage]]}"
+    if origin is None:
+        line = f"{stage}: the one state dict in {path}, used as it is ({authors})"
+    elif weights == DEFAULT_WEIGHTS[stage]:
+        line = f"{stage}: {WEIGHT_LABELS[weights]} from {origin} ({authors})"
+    else:
+        line = f"{stage}: {WEIGHT_LABELS[weights]} from {origin} (--weights {weights}; {authors})"
+    line += f", up levels in the {config.up_order} scripts' order"
+    if matched.ignored:
+        line += f"; ignored {len(matched.ignored)} non-network entries: {', '.join(matched.ignored)}"
+    if matched.retied:
+        line += f"; re-tied {len(matched.retied)} shared weights stored under one name: {', '.join(matched.retied)}"
+    return network.eval().requires_grad_(False), line
 
 
 def extend_position_embeddings(model: torch.nn.Module, positions: int) -> None:
@@ -198,9 +267,10 @@ def extend_position_embeddings(model: torch.nn.Module, positions: int) -> None:
     model.config.max_position_embeddings = positions
 
 
-def fine_tuned_text_encoder(base: str, weights: str | Path, out: Path) -> None:
+def fine_tuned_text_encoder(base: str, weights: str | Path, out: Path) -> list[str]:
     """The authors' encoder, saved whole into `out`: the base CXR-BERT, its positions extended to
-    2048, their fine-tuned weights on top (a state dict, read with weights_only)."""
+    2048, their fine-tuned weights on top (a state dict, read with weights_only). Returns the
+    entries ignored: the `classifier.*` head, which their own loader skips too (strict=False)."""
     from transformers import AutoModel, AutoTokenizer
 
     config = TextEncoderConfig.named(base)
@@ -214,6 +284,8 @@ def fine_tuned_text_encoder(base: str, weights: str | Path, out: Path) -> None:
     extend_position_embeddings(model, REFERENCE_TEXT_POSITIONS)
     state = {k.removeprefix("module."): v for k, v in read_checkpoint(weights, "model").items()}
     expected = model.state_dict()
+    ignored = sorted(k for k in state if k.startswith(TEXT_HEAD_PREFIX) and k not in expected)
+    state = {k: v for k, v in state.items() if k not in ignored}
     learned = [k for k in expected if not k.endswith(POSITION_BUFFERS)]
     missing = [k for k in learned if k not in state]
     unexpected = [k for k in state if k not in expected and not k.endswith(POSITION_BUFFERS)]
@@ -226,13 +298,19 @@ def fine_tuned_text_encoder(base: str, weights: str | Path, out: Path) -> None:
     tokenizer.model_max_length = REFERENCE_TEXT_POSITIONS
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    return ignored
 
 
 def reference_text_encoder(text_encoder: str | Path | None, out: Path, text_dim: int,
-                           text_weights: str | Path | None = None) -> TextEncoderConfig:
-    """The report encoder config; a folder (or base + fine-tuned weights) goes into out/text_encoder, named "."."""
+                           text_weights: str | Path | None = None) -> tuple[TextEncoderConfig, list[str]]:
+    """The report encoder config and the report's lines about it; a folder (or base + fine-tuned
+    weights) goes into out/text_encoder, named "."."""
+    notes = []
     if text_weights is not None:
-        fine_tuned_text_encoder(str(text_encoder or "reference"), text_weights, out / "text_encoder")
+        ignored = fine_tuned_text_encoder(str(text_encoder or "reference"), text_weights, out / "text_encoder")
+        if ignored:
+            notes.append(f"text encoder: ignored {len(ignored)} entries of {text_weights} that are not part of "
+                         f"the encoder (the authors' loader skips them too): {', '.join(ignored)}")
         source = out / "text_encoder"
     elif text_encoder is not None and Path(text_encoder).is_dir():
         source = Path(text_encoder)
@@ -242,13 +320,13 @@ def reference_text_encoder(text_encoder: str | Path | None, out: Path, text_dim:
         check = config if config.model.startswith("embedded:") else None  # hub ids may be offline: not checked
         if check is not None and (hidden := encoder_hidden_size(check)) != text_dim:
             raise MedSynError(f"text encoder {text_encoder} gives {hidden}-d features but stage 1 expects {text_dim}")
-        return config
+        return config, notes
     remote_code = any(source.glob("*.py")) or "auto_map" in json.loads(
         (source / "config.json").read_text(encoding="utf-8") if (source / "config.json").is_file() else "{}")
     check = TextEncoderConfig(model=str(out / "text_encoder"), trust_remote_code=remote_code)
     if (hidden := encoder_hidden_size(check)) != text_dim:
         raise MedSynError(f"text encoder {text_encoder} gives {hidden}-d features but stage 1 expects {text_dim}")
-    return TextEncoderConfig(model=".", max_tokens=192, trust_remote_code=remote_code, keep_padding_states=True)
+    return TextEncoderConfig(model=".", max_tokens=192, trust_remote_code=remote_code, keep_padding_states=True), notes
 
 
 def convert_reference(
@@ -258,40 +336,44 @@ def convert_reference(
     *,
     text_encoder: str | Path | None = None,
     text_encoder_weights: str | Path | None = None,
-    weights: str = "ema",
+    weights: str | None = None,
     stage1_network: ReferenceUNetConfig | None = None,
     stage2_network: ReferenceUNetConfig | None = None,
     stage1_size: int = 64,
     stage2_size: int = 256,
-) -> MedSynPipeline:
-    """Write a model folder from the reference's two checkpoints; returns the pipeline."""
+) -> tuple[MedSynPipeline, list[str]]:
+    """Write a model folder from the reference's two checkpoints; returns the pipeline and the
+    conversion report's lines. `weights` None: each stage what the authors' scripts load."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MedSynError(f"output {out} exists and is not an empty folder")
     s1 = StageConfig(stage1_network or reference_stage1_config(),
-                     DiffusionConfig("cosine_reference", "x0", "ddim_reference", num_steps=50, guidance_scale=1.0, clip_x0=True),
+                     DiffusionConfig("cosine", "x0", "ddim_reference", num_steps=50, guidance_scale=1.0, clip_x0=True),
                      stage1_size, architecture="reference")
     s2 = StageConfig(stage2_network or reference_stage2_config(),
-                     DiffusionConfig("cosine_reference", "x0", "ddim_reference", num_steps=20, guidance_scale=1.0, clip_x0=True),
+                     DiffusionConfig("cosine", "x0", "ddim_reference", num_steps=20, guidance_scale=1.0, clip_x0=True),
                      stage2_size, architecture="reference")
-    networks = load_reference_network(stage1, s1.network, weights), load_reference_network(stage2, s2.network, weights)
+    kinds = {stage: weights or default for stage, default in DEFAULT_WEIGHTS.items()}
+    network1, line1 = load_reference_network(stage1, s1.network, kinds["stage1"], stage="stage1")
+    network2, line2 = load_reference_network(stage2, s2.network, kinds["stage2"], stage="stage2")
     config = ModelConfig(
         structures=STRUCTURE_SETS["lobes"],
         channel_encoding="reference",
         spacing_mm=(320.0 / stage2_size,) * 3,
         trained=True,
         flip_axes=(1,),  # the reference's postprocess.py flips y before its volumes are shown
-        description=f"reference MedSyn checkpoints ({weights} weights) imported from {Path(stage1).name}, {Path(stage2).name}",
+        description=f"reference MedSyn checkpoints imported from {Path(stage1).name} ({kinds['stage1']} weights), "
+                    f"{Path(stage2).name} ({kinds['stage2']} weights)",
     )
     out.mkdir(parents=True, exist_ok=True)
     try:
-        text_config = reference_text_encoder(text_encoder, out, s1.network.text_dim, text_encoder_weights)
-        pipeline = MedSynPipeline(config, (s1, networks[0]), (s2, networks[1]), text_config, source=str(out))
+        text_config, text_notes = reference_text_encoder(text_encoder, out, s1.network.text_dim, text_encoder_weights)
+        pipeline = MedSynPipeline(config, (s1, network1), (s2, network2), text_config, source=str(out))
         pipeline.save_pretrained(out)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    return pipeline
+    return pipeline, [line1, line2, *text_notes]
 
 
 def _network_config(path: str | None, default: ReferenceUNetConfig) -> ReferenceUNetConfig:
@@ -316,20 +398,28 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--text-encoder-weights", default=None,
                      help="the authors' fine-tuned encoder state dict (pytorch_model.bin): loaded onto the base "
                           "with positions extended to 2048, saved whole into the model folder")
-    ref.add_argument("--weights", choices=WEIGHT_CHOICES, default="ema")
+    ref.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
+                     help="both stages' weights (default: what the authors' scripts load: stage 1 ema, stage 2 model)")
+    ref.add_argument("--up-order", choices=UP_ORDERS, default=None,
+                     help="both stages' up levels: the reference's evaluation scripts' order (default) or its "
+                          "training scripts' (upsampling right after each level's first block)")
     ref.add_argument("--out", required=True, help="model folder to write (must not exist or be empty)")
     ref.add_argument("--stage1-config", help="JSON ReferenceUNetConfig (default: the released stage-1 sizes)")
     ref.add_argument("--stage2-config", help="JSON ReferenceUNetConfig (default: the released stage-2 sizes)")
     ref.add_argument("--stage1-size", type=int, default=64)
     ref.add_argument("--stage2-size", type=int, default=256)
     args = parser.parse_args(argv)
-    pipeline = convert_reference(
+    networks = [_network_config(args.stage1_config, reference_stage1_config()),
+                _network_config(args.stage2_config, reference_stage2_config())]
+    if args.up_order is not None:
+        networks = [dataclasses.replace(n, up_order=args.up_order) for n in networks]
+    pipeline, report = convert_reference(
         args.stage1, args.stage2, args.out, text_encoder=args.text_encoder,
         text_encoder_weights=args.text_encoder_weights, weights=args.weights,
-        stage1_network=_network_config(args.stage1_config, reference_stage1_config()),
-        stage2_network=_network_config(args.stage2_config, reference_stage2_config()),
+        stage1_network=networks[0], stage2_network=networks[1],
         stage1_size=args.stage1_size, stage2_size=args.stage2_size,
     )
+    print("\n".join(report))
     print(f"wrote {args.out}: stage 1 {sum(p.numel() for p in pipeline.stage1.parameters()):,} parameters, "
           f"stage 2 {sum(p.numel() for p in pipeline.stage2.parameters()):,}")
     return 0

@@ -16,9 +16,10 @@ reference's `Unet3D` classes (GitHub batmanlab/MedSyn, read, not copied):
 
 Blocks are post-norm (conv -> GroupNorm -> time scale/shift -> SiLU), attention pre-norms are
 a channel LayerNorm with a gain only, the time embedding uses log(10000)/(half-1) frequencies.
-The order of the evaluation scripts is kept: down = res, res, (skip), downsample, 3D res;
-up = concat skip, res, res, 3D res, upsample (the training script of stage 1 upsamples
-between the two res-blocks; the checkpoints are sampled with the evaluation order).
+Down = res, res, (skip), downsample, 3D res. The up levels come in two orders with the same
+parameters (`up_order`): the evaluation scripts (`eval_*.py`, the default, what the released
+code samples with) run concat skip, res, res, 3D res, upsample; the training scripts
+(`train_*.py`) upsample right after the first res-block: concat skip, res, upsample, res, 3D res.
 Attention runs through `torch.nn.functional.scaled_dot_product_attention` (the reference
 uses xformers with the default 1/sqrt(head_dim) scale, which is the same function). As in
 the reference, cross-attention attends to all text tokens: `text_mask` is accepted and ignored.
@@ -35,6 +36,7 @@ from einops import rearrange
 from torch import nn
 
 VARIANTS = ("low_res", "super_res")
+UP_ORDERS = ("evaluation", "training")  # where each up level upsamples: last, or after its first block
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,13 @@ class ReferenceUNetConfig:
     init_kernel: int = 7
     norm_groups: int = 8
     time_scale: float = 1000.0  # the network sees t * time_scale, t in [0, 1]
+    up_order: str = "evaluation"  # one of UP_ORDERS: the reference's eval_*.py or train_*.py up levels
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.up_order not in UP_ORDERS:
+            raise ValueError(f"up_order must be one of {UP_ORDERS}, got {self.up_order!r}")
         if (self.variant == "low_res") != bool(self.text_dim):
             raise ValueError("the low_res variant needs text_dim; the super_res variant takes no text")
         if self.dim % 2 or self.dim % self.norm_groups:
@@ -346,9 +351,14 @@ class ReferenceUNet3D(nn.Module):
             x = self.mid_temporal_conv(self.mid_spatial_attn(x), time_emb)
         x = self.mid_block2(x, time_emb)
 
+        upsample_first = config.up_order == "training"
         for block1, block2, *_, block3d, upsample in self.ups:
             x = block1(torch.cat([x, skips.pop()], dim=1), time_emb)
-            x = upsample(block3d(block2(x, time_emb), time_emb))
+            if upsample_first:
+                x = upsample(x)
+            x = block3d(block2(x, time_emb), time_emb)
+            if not upsample_first:
+                x = upsample(x)
         x = torch.cat([x, init_features], dim=1)
         return (self.final_conv if low_res else self.final_conv0)(x)
 

@@ -56,8 +56,21 @@ class DDIMSampler(Sampler):
 
 
 class ReferenceDDIMSampler(DDIMSampler):
-    """The MedSyn reference's loop: n DDIM moves over t = 1, 1 - 1/n, ..., 0 (the last one to
-    t = 0 itself), then the x_0 predicted at t = 0, so n + 1 denoiser calls (51 for 50 steps)."""
+    """The MedSyn reference's loop: DDIM moves down its 1000 training steps with the integer
+    stride k = int(1000 / n), over t = K k / 1000, ..., k / 1000, 0 with K = 1000 // k (the last
+    move to t = 0 itself), then the x_0 predicted at t = 0. For n dividing 1000 that is t = 1,
+    1 - 1/n, ..., 0 and n + 1 calls (51 for 50 steps); otherwise the loop starts below t = 1 and
+    may take more than n moves (n = 30: t = 0.99 .. 0 by 0.033, 31 moves), as the reference does."""
+
+    training_steps = 1000  # the reference's num_timesteps
+
+    def set_timesteps(self, num_steps: int) -> None:
+        if not 1 <= num_steps <= self.training_steps:
+            raise ValueError(f"ddim_reference takes 1 to {self.training_steps} steps (the reference strides its "
+                             f"{self.training_steps} training steps by int({self.training_steps} / n)), got {num_steps}")
+        stride = self.training_steps // num_steps
+        moves = self.training_steps // stride
+        self.times = torch.arange(moves, -1, -1, dtype=torch.float64) * stride / self.training_steps
 
     @property
     def evaluation_times(self) -> torch.Tensor:

@@ -120,15 +120,25 @@ def test_denoise_loop_reports_progress_and_unknown_sampler_fails():
         make_sampler("euler", CosineSchedule(), 3)
 
 
-def test_reference_cosine_schedule_is_unclamped_at_the_ends():
+def test_reference_cosine_schedule_clamps_as_the_reference_code_does():
+    """src/utils.py clamps alpha_bar to [1e-4, 1 - 1e-4] (only t = 1 is affected): the cosine schedule."""
     schedule = SCHEDULES["cosine_reference"]()
+    t = torch.linspace(0, 1, 101)
+    torch.testing.assert_close(schedule.alpha_sigma(t), CosineSchedule().alpha_sigma(t), atol=0, rtol=0)
     alpha, sigma = schedule.alpha_sigma(torch.tensor([1.0, 0.0]))
-    assert alpha[0] < 1e-15 and sigma[0] == 1.0
+    assert alpha[0] ** 2 == pytest.approx(1e-4, rel=1e-5) and sigma[0] ** 2 == pytest.approx(1 - 1e-4, rel=1e-6)
     assert alpha[1] ** 2 == pytest.approx(math.cos(0.008 / 1.008 * math.pi / 2) ** 2, rel=1e-6)  # 0.999845
 
 
-def test_reference_ddim_loop_matches_a_direct_computation_of_the_reference_loop():
-    """N moves on t = 1 .. 0 (the last to t = 0), then the x0 predicted at t = 0: N + 1 calls."""
+def reference_alpha_bar(t: float) -> float:
+    """The reference's get_alpha_cum for t >= 0."""
+    return min(max(math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2, 1e-4), 1 - 1e-4)
+
+
+@pytest.mark.parametrize("n", [5, 7, 30, 300])
+def test_reference_ddim_loop_matches_a_direct_computation_of_the_reference_loop(n):
+    """The reference walks its integer times range(0, 1001, int(1000 / n)) downwards, a DDIM move
+    from each to the next, and returns the x0 predicted at t = 0; n need not divide 1000."""
     schedule = SCHEDULES["cosine_reference"]()
     weights = torch.tensor([0.3, -0.7, 1.1])
 
@@ -142,22 +152,27 @@ def test_reference_ddim_loop_matches_a_direct_computation_of_the_reference_loop(
         return denoiser(x, t)
 
     x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
-    n = 5
     sample = denoise_loop(counted, x_T, make_sampler("ddim_reference", schedule, n))
-    assert calls == pytest.approx([1 - i / n for i in range(n + 1)])
-
-    def alpha_bar(t):
-        return min(max(math.cos((t + 0.008) / 1.008 * math.pi / 2), 0.0), 1.0) ** 2
+    stride = int(1000 / n)
+    times = list(reversed(range(0, 1000 + 1, stride)))
+    assert calls == pytest.approx([t / 1000 for t in times])
 
     x = x_T.double()
-    for i in range(n):
-        t, s = 1 - i / n, 1 - (i + 1) / n
-        x0 = denoiser(x.float(), torch.full((2,), t)).double()
-        eps = (x - math.sqrt(alpha_bar(t)) * x0) / math.sqrt(1 - alpha_bar(t))
-        x = math.sqrt(alpha_bar(s)) * x0 + math.sqrt(1 - alpha_bar(s)) * eps
-    expected = denoiser(x.float(), torch.zeros(2))
-    torch.testing.assert_close(sample, expected, atol=1e-5, rtol=1e-5)
+    for t in times:
+        x0 = denoiser(x.float(), torch.full((2,), t / 1000)).double()
+        if t < stride:
+            x = x0
+            break
+        eps = (x - math.sqrt(reference_alpha_bar(t / 1000)) * x0) / math.sqrt(1 - reference_alpha_bar(t / 1000))
+        s = (t - stride) / 1000
+        x = math.sqrt(reference_alpha_bar(s)) * x0 + math.sqrt(1 - reference_alpha_bar(s)) * eps
+    torch.testing.assert_close(sample, x.float(), atol=1e-5, rtol=1e-5)
     # Our DDIM instead returns the x0 predicted at t = 1/n after n calls.
     calls.clear()
     denoise_loop(counted, x_T, make_sampler("ddim", schedule, n))
     assert len(calls) == n and calls[-1] == pytest.approx(1 / n)
+
+
+def test_reference_ddim_loop_refuses_more_steps_than_the_reference_has():
+    with pytest.raises(ValueError, match="1 to 1000 steps"):
+        make_sampler("ddim_reference", CosineSchedule(), 1001)

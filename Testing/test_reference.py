@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -12,10 +13,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from MedSynLib.convert import convert_reference, main, read_checkpoint, strip_prefixes
+from MedSynLib.convert import (
+    convert_reference,
+    load_reference_network,
+    main,
+    match_state_dict,
+    read_checkpoint,
+    strip_prefixes,
+)
 from MedSynLib.errors import MedSynError, run_command
 from MedSynLib.pipeline import MedSynPipeline
 from MedSynLib.reference_networks import (
+    UP_ORDERS,
     ReferenceUNet3D,
     count_parameters,
     reference_stage1_config,
@@ -128,7 +137,7 @@ def _cross_attention(s, p, x, text, heads):
 
 
 def reference_forward(s, config, x, t, text=None, cond=None):
-    """The reference's evaluation-time forward, written with torch.nn.functional only."""
+    """The reference's forward (its evaluation or training scripts' up order), with torch.nn.functional only."""
     low = config.variant == "low_res"
     flat, cube = (1, 3, 3), (3, 3, 3)
     half = config.dim // 2
@@ -155,17 +164,26 @@ def reference_forward(s, config, x, t, text=None, cond=None):
         x = _res(s, "mid_temporal_conv.", _spatial_attention(s, "mid_spatial_attn.", x, config.attn_heads), temb, cube)
     x = _res(s, "mid_block2.", x, temb, flat)
     for n in range(levels):
+        def upsample(h, n=n):
+            if n == levels - 1:
+                return h
+            return F.conv_transpose3d(h, s[f"ups.{n}.{idown}.weight"], s[f"ups.{n}.{idown}.bias"], stride=(1, 2, 2), padding=(0, 1, 1))
+
         x = _res(s, f"ups.{n}.0.", torch.cat([x, skips.pop()], 1), temb, flat)
+        if config.up_order == "training":  # train_*.py: upsample right after the first block
+            x = upsample(x)
         x = _res(s, f"ups.{n}.{i3d}.", _res(s, f"ups.{n}.1.", x, temb, flat), temb, cube)
-        if n < levels - 1:  # the evaluation scripts upsample last
-            x = F.conv_transpose3d(x, s[f"ups.{n}.{idown}.weight"], s[f"ups.{n}.{idown}.bias"], stride=(1, 2, 2), padding=(0, 1, 1))
+        if config.up_order == "evaluation":  # eval_*.py: upsample last
+            x = upsample(x)
     final = "final_conv" if low else "final_conv0"
     x = _res(s, final + ".0.", torch.cat([x, r], 1), None, flat)
     return F.conv3d(x, s[final + ".1.weight"], s[final + ".1.bias"])
 
 
+@pytest.mark.parametrize("up_order", UP_ORDERS)
 @pytest.mark.parametrize("config", [STAGE1, STAGE2], ids=["stage1", "stage2"])
-def test_forward_matches_a_functional_computation(config):
+def test_forward_matches_a_functional_computation(config, up_order):
+    config = dataclasses.replace(config, up_order=up_order)
     state = random_state(config, seed=1)
     network = ReferenceUNet3D(config).eval()
     network.load_state_dict(state)
@@ -179,6 +197,15 @@ def test_forward_matches_a_functional_computation(config):
         expected = reference_forward(state, config, x, t, text=text, cond=cond)
     assert ours.shape == x.shape
     assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), (ours - expected).abs().max()
+    other = dataclasses.replace(config, up_order=next(o for o in UP_ORDERS if o != up_order))
+    with torch.no_grad():  # the same weights, a different function
+        assert not torch.allclose(reference_forward(state, other, x, t, text=text, cond=cond), expected, atol=1e-2)
+
+
+def test_up_order_is_a_checked_config_field_defaulting_to_the_evaluation_scripts():
+    assert reference_stage1_config().up_order == reference_stage2_config().up_order == "evaluation"
+    with pytest.raises(ValueError, match="up_order"):
+        reference_stage1_config(up_order="train")
 
 
 def test_drop_text_uses_the_null_embedding():
@@ -207,15 +234,22 @@ def checkpoints(tmp_path_factory):
     torch.save({"step": 3}, folder / "optimizer.bin")
     # Stage 2 as a plain .bin with DDP + EMA wrappers.
     torch.save({"module.ema_model.denoise_fn." + k: v for k, v in s2.items()}, root / "stage2.bin")
-    return {"root": root, "stage1": folder, "stage2": root / "stage2.bin", "s1_model": s1_model, "s1_ema": s1_ema, "s2": s2}
+    # And as an accelerate folder of its training run: trained weights first, EMA second.
+    s2_model, s2_ema = random_state(STAGE2, 13), random_state(STAGE2, 14)
+    stage2_folder = root / "stage2_ckpt"
+    stage2_folder.mkdir()
+    torch.save({"denoise_fn." + k: v for k, v in s2_model.items()}, stage2_folder / "pytorch_model.bin")
+    torch.save({"denoise_fn." + k: v for k, v in s2_ema.items()}, stage2_folder / "pytorch_model_1.bin")
+    return {"root": root, "stage1": folder, "stage2": root / "stage2.bin", "s1_model": s1_model, "s1_ema": s1_ema,
+            "s2": s2, "stage2_folder": stage2_folder, "s2_model": s2_model, "s2_ema": s2_ema}
 
 
 def test_accelerate_folder_gives_ema_or_model_weights(checkpoints):
     ema = strip_prefixes(read_checkpoint(checkpoints["stage1"], "ema"))
     model = strip_prefixes(read_checkpoint(checkpoints["stage1"], "model"))
-    assert ema.keys() == model.keys() == checkpoints["s1_ema"].keys()  # betas dropped, prefixes stripped
+    assert ema.keys() == model.keys() - {"betas"} == checkpoints["s1_ema"].keys()  # prefixes stripped
     assert all(torch.equal(ema[k], checkpoints["s1_ema"][k]) for k in ema)
-    assert all(torch.equal(model[k], checkpoints["s1_model"][k]) for k in model)
+    assert all(torch.equal(model[k], v) for k, v in checkpoints["s1_model"].items())
 
 
 def test_convert_writes_a_model_folder_that_generates(checkpoints, tmp_path):
@@ -226,7 +260,7 @@ def test_convert_writes_a_model_folder_that_generates(checkpoints, tmp_path):
     assert index["channel_encoding"] == "reference" and index["trained"] is True
     stage1 = json.loads((out / "stage1" / "config.json").read_text())
     assert stage1["architecture"] == "reference" and stage1["diffusion"]["num_steps"] == 50
-    assert stage1["diffusion"]["prediction_type"] == "x0" and stage1["diffusion"]["schedule"] == "cosine_reference"
+    assert stage1["diffusion"]["prediction_type"] == "x0" and stage1["diffusion"]["schedule"] == "cosine"
     assert stage1["diffusion"]["sampler"] == "ddim_reference"
     assert json.loads((out / "stage2" / "config.json").read_text())["diffusion"]["num_steps"] == 20
 
@@ -240,6 +274,62 @@ def test_convert_writes_a_model_folder_that_generates(checkpoints, tmp_path):
     assert set(result.masks) == set(pipeline.config.structures)
 
 
+def _stage_state(network):
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+def test_each_stage_defaults_to_the_weights_the_authors_scripts_load(checkpoints, tmp_path):
+    """Stage 1: EMA (eval_low_res samples with its EMA); stage 2: index 0 = trained (eval_super_res
+    prepares one model); --weights overrides both; the report says which."""
+    kwargs = {"text_encoder": "embedded", "stage1_network": STAGE1, "stage2_network": STAGE2,
+              "stage1_size": 8, "stage2_size": 16}
+    pipeline, report = convert_reference(checkpoints["stage1"], checkpoints["stage2_folder"], tmp_path / "a", **kwargs)
+    loaded1, loaded2 = _stage_state(pipeline.stage1), _stage_state(pipeline.stage2)
+    assert all(torch.equal(loaded1[k], v) for k, v in checkpoints["s1_ema"].items())
+    assert all(torch.equal(loaded2[k], v) for k, v in checkpoints["s2_model"].items())
+    assert report[0].startswith("stage1: EMA weights from") and "model_1.safetensors" in report[0]
+    assert report[1].startswith("stage2: trained (non-EMA) weights from") and "pytorch_model.bin" in report[1]
+    assert "eval_low_res_given_prompt.py" in report[0] and "eval_super_res.py" in report[1]
+    pipeline, report = convert_reference(checkpoints["stage1"], checkpoints["stage2_folder"], tmp_path / "b",
+                                         weights="ema", **kwargs)
+    loaded2 = _stage_state(pipeline.stage2)
+    assert all(torch.equal(loaded2[k], v) for k, v in checkpoints["s2_ema"].items())
+    assert "--weights ema" in report[1] and "pytorch_model_1.bin" in report[1]
+
+
+DDIM_BUFFERS = ("ddim_sigmas", "ddim_alphas", "ddim_alphas_prev", "ddim_sqrt_one_minus_alphas",
+                "ddim_sigmas_for_original_num_steps")
+
+
+def test_the_older_training_codes_ddim_buffers_are_ignored_and_listed(tmp_path):
+    state = random_state(STAGE2, 6)
+    buffers = {f"ema_model.{name}": torch.rand(50) for name in DDIM_BUFFERS}
+    torch.save({f"ema_model.denoise_fn.{k}": v for k, v in state.items()} | buffers, tmp_path / "old.pt")
+    network, line = load_reference_network(tmp_path / "old.pt", STAGE2, "model", stage="stage2")
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in state.items())
+    assert f"ignored 5 non-network entries: {', '.join(sorted(DDIM_BUFFERS))}" in line
+
+
+def test_one_name_per_shared_tensor_as_accelerate_saves_safetensors_is_retied(tmp_path):
+    """accelerate keeps the first name of each shared tensor: 4 middle blocks lose 3 x 2 keys."""
+    config = dataclasses.replace(STAGE1, num_middle_blocks=4)
+    state = random_state(config, 7)
+    first_names, dropped = set(), []
+    for name, value in ReferenceUNet3D(config).state_dict().items():
+        if value.data_ptr() in first_names:
+            dropped.append(name)
+        first_names.add(value.data_ptr())
+    assert len(dropped) == 6
+    save_file({k: v for k, v in state.items() if k not in dropped}, tmp_path / "model_1.safetensors")
+    network, line = load_reference_network(tmp_path, config, "ema", stage="stage1")
+    loaded = network.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert loaded[dropped[0]].data_ptr() == loaded["mid_spatial_attn1.fn.fn.fn.to_qkv.weight"].data_ptr()
+    assert f"re-tied 6 shared weights stored under one name: {', '.join(dropped)}" in line
+    matched = match_state_dict(ReferenceUNet3D(config), dict(state), source="full")
+    assert matched.retied == [] and matched.ignored == []
+
+
 def test_cli_converts_and_reports_errors_in_one_line(checkpoints, tmp_path, capsys):
     configs = {}
     for name, config in (("stage1", STAGE1), ("stage2", STAGE2)):
@@ -250,6 +340,13 @@ def test_cli_converts_and_reports_errors_in_one_line(checkpoints, tmp_path, caps
             "--stage2-config", str(configs["stage2"]), "--stage1-size", "8", "--stage2-size", "16"]
     assert run_command(main, [*args, "--weights", "model", "--out", str(tmp_path / "ok")]) == 0
     assert (tmp_path / "ok" / "stage1" / "model.safetensors").is_file()
+    output = capsys.readouterr().out
+    assert "stage1: trained (non-EMA) weights from" in output and "--weights model" in output
+    assert json.loads((tmp_path / "ok" / "stage1" / "config.json").read_text())["network"]["up_order"] == "evaluation"
+    assert run_command(main, [*args, "--up-order", "training", "--out", str(tmp_path / "train")]) == 0
+    for stage in ("stage1", "stage2"):
+        assert json.loads((tmp_path / "train" / stage / "config.json").read_text())["network"]["up_order"] == "training"
+    assert MedSynPipeline.from_pretrained(tmp_path / "train").stage2.config.up_order == "training"
     # The released sizes do not fit these tiny checkpoints: a clear report, exit 2, no folder left.
     capsys.readouterr()
     assert run_command(main, args[:7] + ["--out", str(tmp_path / "bad")]) == 2
@@ -270,8 +367,6 @@ def test_missing_unexpected_and_misshaped_keys_are_named(checkpoints, tmp_path):
     state["final_conv0.1.weight"] = torch.zeros(3, 8, 1, 1, 1)
     torch.save(state, tmp_path / "bad.pt")
     network = ReferenceUNet3D(STAGE2)
-    from MedSynLib.convert import match_state_dict
-
     with pytest.raises(MedSynError) as error:
         match_state_dict(network, strip_prefixes(read_checkpoint(tmp_path / "bad.pt")), source="bad.pt")
     message = str(error.value)
@@ -283,8 +378,6 @@ def test_missing_unexpected_and_misshaped_keys_are_named(checkpoints, tmp_path):
 def test_shared_weights_that_differ_are_refused(tmp_path):
     state = random_state(STAGE1, 3)
     state["mid_spatial_attn2.fn.fn.fn.to_qkv.weight"] = state["mid_spatial_attn2.fn.fn.fn.to_qkv.weight"] + 1
-    from MedSynLib.convert import match_state_dict
-
     with pytest.raises(MedSynError, match="shared weight"):
         match_state_dict(ReferenceUNet3D(STAGE1), state, source="x")
 
@@ -376,3 +469,18 @@ def test_fine_tuned_weights_that_do_not_fit_are_refused_by_name(checkpoints, fin
                           text_encoder_weights=tmp_path / "broken.bin", stage1_network=STAGE1, stage2_network=STAGE2,
                           stage1_size=8, stage2_size=16)
     assert not (tmp_path / "model").exists()
+
+
+def test_the_fine_tuned_encoders_classifier_head_is_ignored_and_listed(checkpoints, fine_tuned_encoder, tmp_path):
+    """The authors' state dict carries classifier.* keys that their own loader skips (strict=False)."""
+    from transformers import AutoModel
+
+    base, _, state = fine_tuned_encoder
+    with_head = dict(state) | {"classifier.weight": torch.randn(2, TEXT_DIM), "classifier.bias": torch.zeros(2)}
+    torch.save(with_head, tmp_path / "with_head.bin")
+    _, report = convert_reference(checkpoints["stage1"], checkpoints["stage2"], tmp_path / "model", text_encoder=base,
+                                  text_encoder_weights=tmp_path / "with_head.bin", stage1_network=STAGE1,
+                                  stage2_network=STAGE2, stage1_size=8, stage2_size=16)
+    assert "text encoder: ignored 2 entries" in report[-1] and report[-1].endswith("classifier.bias, classifier.weight")
+    saved = AutoModel.from_pretrained(tmp_path / "model" / "text_encoder").state_dict()
+    assert all(torch.equal(saved[k], state[k]) for k in saved if not k.endswith(("position_ids", "token_type_ids")))
