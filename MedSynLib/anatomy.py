@@ -132,8 +132,11 @@ def label_map_to_masks(label_map: np.ndarray, structures: tuple[Structure, ...])
     label_map = np.asarray(label_map)
     present = set(np.unique(label_map).tolist()) - {0}
     known = {s.label for s in STRUCTURES.values()}
-    if present - known:
-        raise ValueError(f"label map has values {sorted(present - known)} that name no structure")
+    unknown = sorted(present - known)
+    if unknown:
+        if unknown[0] < 0 or len(unknown) > len(known):  # HU values: a CT given where labels belong
+            raise ValueError(f"this looks like a CT, not a label map (values from {unknown[0]} to {unknown[-1]})")
+        raise ValueError(f"label map has values {unknown} that name no structure")
     masks = {}
     for structure in structures:
         mask = label_map == structure.label

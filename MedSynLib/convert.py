@@ -66,7 +66,7 @@ from safetensors.torch import load_file
 from .anatomy import STRUCTURE_SETS
 from .configuration import config_from_dict
 from .diffusion import DiffusionConfig
-from .errors import MedSynError, run_command
+from .errors import MedSynError, run_command, weights_file_problem
 from .pipeline import MedSynPipeline, ModelConfig, StageConfig
 from .reference_networks import (
     UP_ORDERS,
@@ -146,11 +146,8 @@ def _read_weights(path: str | Path, weights: str) -> tuple[dict[str, torch.Tenso
 def _read_pickle(path: Path, weights: str) -> tuple[dict[str, torch.Tensor], str]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MedSynError(f"refusing {path}: it holds objects other than tensors and plain containers ({reason})") from error
-    except (RuntimeError, OSError, EOFError) as error:
-        raise MedSynError(f"cannot read {path}: {str(error).strip().splitlines()[0] if str(error).strip() else error}") from error
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
+        raise MedSynError(f"refusing {path}: {weights_file_problem(error)}") from error
     return _state_dict_of(data, weights, path)
 
 

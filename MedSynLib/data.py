@@ -14,6 +14,8 @@ Files are written to a temporary name and renamed, so a case file is whole or ab
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from .geometry import Geometry
 FORMAT = "medsyn-prepared"
 FORMAT_VERSION = 1
 INDEX = "dataset.json"
+CASE_ARRAYS = frozenset({"ct_hu", "ct_hu_low", "anatomy_bits", "anatomy_bits_low", "text_features", "text_mask", "meta"})
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)  # what a broken case file raises
 
 
 @dataclass
@@ -94,12 +98,25 @@ class PreparedDataset:
         self.case_ids: list[str] = list(index["cases"])
         if not self.case_ids:
             raise MedSynError(f"prepared dataset {self.root} holds no cases")
+        for case_id in self.case_ids:  # here, not in a data-loader worker far into a run
+            self._check_case_file(case_id)
 
     def __len__(self) -> int:
         return len(self.case_ids)
 
     def case_path(self, case_id: str) -> Path:
         return self.root / "cases" / f"{case_id}.npz"
+
+    def _check_case_file(self, case_id: str) -> None:
+        """The file is there and lists every array (its zip directory is read, not its volumes)."""
+        path = self.case_path(case_id)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = sorted(CASE_ARRAYS - set(data.files))
+        except (*UNREADABLE, TypeError) as error:  # TypeError: a plain .npy array, not an archive
+            raise MedSynError(f"cannot read case {case_id!r} ({path}): {error or type(error).__name__}") from error
+        if missing:
+            raise MedSynError(f"case file {path} lacks {missing}")
 
     def load(self, i: int, *, low_only: bool = False) -> Case:
         case_id = self.case_ids[i]
@@ -119,8 +136,8 @@ class PreparedDataset:
                     report=meta["report"],
                     geometry=Geometry(**{k: tuple(v) for k, v in meta["geometry"].items()}),
                 )
-        except (OSError, ValueError, KeyError) as error:
-            raise MedSynError(f"cannot read case {case_id!r} ({path}): {error}") from error
+        except (*UNREADABLE, KeyError) as error:
+            raise MedSynError(f"cannot read case {case_id!r} ({path}): {error or type(error).__name__}") from error
 
 
 def write_index(root: Path, *, structures: tuple[str, ...], size: int, low_size: int, text_encoder: dict,

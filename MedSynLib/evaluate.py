@@ -13,29 +13,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from .errors import MedSynError, run_command
+from .errors import EXISTING_PATH, OUTPUT_FOLDER, SEED, integer_argument, number_argument, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m MedSynLib.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--real", type=Path, required=True,
+    parser.add_argument("--real", type=EXISTING_PATH, required=True,
                         help="real (training) volumes: a folder of case folders or volumes, a DICOM folder, "
                              "or a .csv/.jsonl manifest with case_id, ct[, labels, report]")
-    parser.add_argument("--fake", type=Path, required=True, help="generated volumes (result folders of generate)")
-    parser.add_argument("--out", type=Path, required=True, help="report folder (created; must be empty or new)")
+    parser.add_argument("--fake", type=EXISTING_PATH, required=True, help="generated volumes (result folders of generate)")
+    parser.add_argument("--out", type=OUTPUT_FOLDER, required=True, help="report folder (created; must be empty or new)")
     parser.add_argument("--features", default="chest-ct",
                         help="feature extractor: chest-ct (default), med3d:PATH, inception-2.5d, intensity")
     parser.add_argument("--segmenter", default="classical",
                         help="segmenter run on every CT for airway volume and consistency ('none' to skip)")
     parser.add_argument("--method", default="MedSyn", help="name of the generated set's row in table.md")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=integer_argument(1, 100_000), default=200,
+                        help="bootstrap resamples for the intervals")
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (feature extraction)")
-    parser.add_argument("--ms-ssim-size", type=int, default=96, help="cube size volumes are resized to for MS-SSIM")
-    parser.add_argument("--max-pairs", type=int, default=200, help="most volume pairs for MS-SSIM per set")
-    parser.add_argument("--copy-factor", type=float, default=0.5,
+    parser.add_argument("--ms-ssim-size", type=integer_argument(16, 512), default=96,
+                        help="cube size volumes are resized to for MS-SSIM")
+    parser.add_argument("--max-pairs", type=integer_argument(1, 10**6), default=200,
+                        help="most volume pairs for MS-SSIM per set")
+    parser.add_argument("--copy-factor", type=number_argument(0, 100), default=0.5,
                         help="flag a generated volume as a possible copy when nearer to a real one than this "
                              "times the median nearest-neighbour distance among real volumes")
     parser.add_argument("--no-findings", action="store_true", help="skip the finding detectors")
@@ -48,10 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .evaluation.runner import EvaluationOptions, run_evaluation
 
-    if args.bootstrap < 1:
-        raise MedSynError(f"--bootstrap must be at least 1, got {args.bootstrap}")
-    if args.ms_ssim_size < 16:
-        raise MedSynError(f"--ms-ssim-size must be at least 16, got {args.ms_ssim_size}")
     options = EvaluationOptions(
         features=args.features, segmenter=None if args.segmenter.lower() == "none" else args.segmenter,
         method=args.method, n_bootstrap=args.bootstrap, seed=args.seed, device=args.device,

@@ -11,12 +11,21 @@ import argparse
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .errors import MedSynError, run_command
+from .errors import (
+    EXISTING_FILE,
+    EXISTING_FOLDER,
+    GUIDANCE,
+    OUTPUT_FOLDER,
+    SEED,
+    STEPS,
+    MedSynError,
+    read_text,
+    run_command,
+)
 from .geometry import Geometry, fitted_grid, resample
 from .inferers import Tiling
 from .pipeline import EMBEDDED_MODEL, GenerationResult, MedSynPipeline, resolve_device
@@ -25,28 +34,20 @@ from .text_encoder import check_report
 from .volume_io import check_output_folder, read_anatomy, write_result
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m MedSynLib.generate", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--report", help="report text")
-    source.add_argument("--report-file", type=Path, help="UTF-8 text file holding the report")
-    parser.add_argument("--out", type=Path, required=True, help="result folder (created; must be empty or new)")
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded model)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=positive_int, default=None, help="stage-1 sampling steps (default: the model's)")
-    parser.add_argument("--stage2-steps", type=positive_int, default=None,
-                        help="stage-2 sampling steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    source.add_argument("--report-file", type=EXISTING_FILE, help="UTF-8 text file holding the report")
+    parser.add_argument("--out", type=OUTPUT_FOLDER, required=True, help="result folder (created; must be empty or new)")
+    parser.add_argument("--model", type=EXISTING_FOLDER, default=None, help="model folder (default: the embedded model)")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--steps", type=STEPS, default=None, help="stage-1 sampling steps (default: the model's)")
+    parser.add_argument("--stage2-steps", type=STEPS, default=None, help="stage-2 sampling steps (default: the model's)")
+    parser.add_argument("--guidance", type=GUIDANCE, default=None, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                         help="default: the model's (ddim_reference for converted reference models)")
-    parser.add_argument("--anatomy", type=Path, default=None,
+    parser.add_argument("--anatomy", type=EXISTING_FILE, default=None,
                         help="label map (anatomy label values) or .seg.nrrd to generate a CT for; "
                              "the result is returned on its grid")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -60,14 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_report(args: argparse.Namespace) -> str:
-    if args.report is not None:
-        return args.report
-    if not args.report_file.is_file():
-        raise MedSynError(f"report file {args.report_file} does not exist")
-    try:
-        return args.report_file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise MedSynError(f"report file {args.report_file} is not UTF-8 text (byte {error.start})") from error
+    return args.report if args.report is not None else read_text(args.report_file, "report file")
 
 
 class Progress:
@@ -108,9 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None and not EMBEDDED_MODEL.is_dir():
         raise MedSynError("no embedded model is installed; pass --model (make one: python -m MedSynLib.init_model)")
     pipeline = MedSynPipeline.from_pretrained(model_dir)
-    if not pipeline.config.trained:
-        progress.emit({"event": "log", "message": f"warning: the model in {model_dir} is UNTRAINED (random weights); "
-                                                  "its output is noise, useful only to test the tool chain"})
 
     anatomy, grid, given_geometry = None, None, None
     if args.anatomy is not None:
@@ -118,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         grid = fitted_grid(given_geometry, pipeline.stage2_config.size)
         anatomy = {n: resample(m.astype(np.uint8), given_geometry, grid, labels=True).astype(bool)
                    for n, m in given.items()}
+    pipeline.check_inputs(report, anatomy, tiling)  # every input, the text encoder too, before the warning
+    pipeline.text_encoder  # noqa: B018 - loads it
+    if not pipeline.config.trained:
+        progress.emit({"event": "log", "message": f"warning: the model in {model_dir} is UNTRAINED (random weights); "
+                                                  "its output is noise, useful only to test the tool chain"})
 
     result = pipeline.generate(
         report, seed=args.seed, steps=args.steps, stage2_steps=args.stage2_steps, guidance=args.guidance,

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .anatomy import STRUCTURE_SETS
-from .errors import run_command
+from .errors import OUTPUT_FOLDER, SEED, run_command
 from .presets import PRESETS, build_pipeline
 from .text_encoder import TextEncoderConfig, encoder_hidden_size
 
@@ -19,13 +18,13 @@ from .text_encoder import TextEncoderConfig, encoder_hidden_size
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MedSynLib.init_model", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=OUTPUT_FOLDER, required=True)
     parser.add_argument("--structures", default="lobes", help=f"one of {sorted(STRUCTURE_SETS)} or names joined by ','")
     parser.add_argument("--channel-encoding", choices=["binary", "reference"], default="binary")
     parser.add_argument("--text-encoder", default=None,
                         help="'embedded' (offline MiniLM), 'reference' (CXR-BERT, needs the hub), a hub id or a folder; "
                              "default: reference for the paper preset, embedded otherwise")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     args = parser.parse_args(argv)
     text_encoder = TextEncoderConfig.named(args.text_encoder or ("reference" if args.preset == "paper" else "embedded"))
     pipeline = build_pipeline(

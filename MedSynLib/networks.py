@@ -26,7 +26,16 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .configuration import check_settings
+
 DOWNSAMPLING = ("inplane", "isotropic")
+# (low, high) of every size in UNet3DConfig: a negative or huge value fails as a config error, not in torch.
+NETWORK_LIMITS: dict[str, tuple[float, float]] = {
+    "in_channels": (1, 1024), "out_channels": (1, 1024), "dim": (1, 4096), "dim_mults": (1, 64),
+    "cond_channels": (0, 1024), "text_dim": (1, 16384), "text_tokens": (1, 8192), "attn_heads": (1, 256),
+    "attn_head_dim": (1, 1024), "num_middle_blocks": (0, 64), "init_kernel": (1, 15), "norm_groups": (1, 4096),
+    "time_scale": (1e-6, 1e6),
+}
 
 
 @dataclass(frozen=True)
@@ -50,12 +59,13 @@ class UNet3DConfig:
     pooled_text: bool = False  # stage 1: also add the mean report token to the time embedding
 
     def __post_init__(self) -> None:
+        check_settings(self, NETWORK_LIMITS)
         if self.downsampling not in DOWNSAMPLING:
             raise ValueError(f"downsampling must be one of {DOWNSAMPLING}, got {self.downsampling!r}")
         if self.dim % self.norm_groups:
             raise ValueError(f"dim {self.dim} must be divisible by norm_groups {self.norm_groups}")
-        if not self.dim_mults:
-            raise ValueError("dim_mults must name at least one level")
+        if not 1 <= len(self.dim_mults) <= 8:
+            raise ValueError(f"dim_mults must name 1 to 8 levels, got {self.dim_mults}")
         if self.init_kernel % 2 == 0:
             raise ValueError("init_kernel must be odd")
         if self.pooled_text and not self.text_dim:

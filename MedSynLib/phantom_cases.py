@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from .anatomy import STRUCTURE_SETS, masks_to_label_map
-from .errors import MedSynError, run_command
+from .errors import MAX_SEED, OUTPUT_FOLDER, WORKERS, MedSynError, integer_argument, run_command
 from .geometry import Geometry
 from .phantom import VISIBLE_LESIONS, balanced_findings, make_phantom
 
@@ -71,11 +71,11 @@ def write_phantom_cases(out: Path, count: int, *, size: int = 128, seed: int = 0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MedSynLib.phantom_cases", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--count", type=int, default=16)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1, help="phantoms made in parallel")
+    parser.add_argument("--out", type=OUTPUT_FOLDER, required=True)
+    parser.add_argument("--count", type=integer_argument(1, 100_000), default=16)
+    parser.add_argument("--size", type=integer_argument(16, 512), default=128)
+    parser.add_argument("--seed", type=integer_argument(0, MAX_SEED - 100_000), default=0)
+    parser.add_argument("--workers", type=WORKERS, default=1, help="phantoms made in parallel")
     parser.add_argument("--findings", choices=FINDING_DESIGNS, default="random",
                         help="random: drawn from each seed; balanced: every combination equally often")
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ from .anatomy import masks_to_label_map
 from .channels import ChannelLayout, masks_to_numpy
 from .configuration import config_from_dict, config_to_dict, publish, read_json, write_json
 from .diffusion import DiffusionConfig, prediction_to_x0
-from .errors import MedSynError
+from .errors import MedSynError, require_path
 from .geometry import Geometry
 from .inferers import Tiling, apply_network
 from .networks import UNet3D, UNet3DConfig
@@ -136,6 +136,9 @@ def load_weights(network: torch.nn.Module, weights_path: Path, *, source: str, m
                    f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})" if unexpected else "",
                    f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})" if mismatched else ""]
         raise MedSynError(f"{weights_path} does not fit {source}: " + "; ".join(d for d in details if d))
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:  # it would generate an empty (all-NaN, written as 0 HU) volume
+        raise MedSynError(f"{weights_path} holds NaN or infinite weights (e.g. {broken}); the model is broken")
     network.load_state_dict(state, strict=False)
 
 
@@ -209,9 +212,7 @@ class MedSynPipeline:
     # ----------------------------------------------------------------- folders
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> MedSynPipeline:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise MedSynError(f"model folder {folder} does not exist")
+        folder = require_path(folder, "folder", "model folder")
         index = read_json(folder / MODEL_INDEX)
         if index.pop("_class_name", None) != cls.__name__:
             raise MedSynError(f"{folder / MODEL_INDEX} does not describe a {cls.__name__}")
@@ -264,11 +265,14 @@ class MedSynPipeline:
             raise MedSynError("report features hold NaN or infinite values")
         return features
 
-    def check_inputs(self, report: str, anatomy: dict[str, np.ndarray] | None) -> None:
+    def check_inputs(self, report: str, anatomy: dict[str, np.ndarray] | None, tiling: Tiling | None = None) -> None:
+        """Refuse what `generate` could not use, before any work."""
         check_report(report)
+        size = self.stage2_config.size
+        if tiling is not None and max(tiling.size) > size:  # a larger tile only pads the volume, at any cost
+            raise MedSynError(f"tile size {tiling.size} is larger than the stage-2 volume ({size}^3)")
         if anatomy is None:
             return
-        size = self.stage2_config.size
         unknown = [n for n in anatomy if n not in self.config.structures]
         if unknown:
             raise MedSynError(f"this model does not generate {unknown}; it generates {list(self.config.structures)}")
@@ -305,7 +309,7 @@ class MedSynPipeline:
             seeds of one report; the text encoder is then not run (nor loaded).
         """
         # 1. Check inputs.
-        self.check_inputs(report, anatomy)
+        self.check_inputs(report, anatomy, tiling)
         if dtype not in DTYPES:
             raise MedSynError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         device = resolve_device(device)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -32,13 +34,26 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from .anatomy import STRUCTURE_SETS, STRUCTURES, label_map_to_masks, resolve_structures
-from .configuration import write_json
+from .configuration import atomic_write_bytes, write_json
 from .data import INDEX, Case, read_case_meta, write_case, write_index
-from .errors import MedSynError, run_command
+from .errors import (
+    EXISTING_FILE,
+    EXISTING_PATH,
+    OUTPUT_FILE,
+    OUTPUT_FOLDER,
+    WORKERS,
+    MedSynError,
+    integer_argument,
+    number_argument,
+    read_text,
+    run_command,
+)
 from .geometry import Geometry, resample
-from .text_encoder import EMBEDDED_ENCODER, ReportEncoder, TextEncoderConfig
+from .text_encoder import EMBEDDED_ENCODER, ReportEncoder, TextEncoderConfig, check_report
+from .volume_io import read_image
 
 MIN_SIZE = 16  # voxels per axis: anything smaller is not a chest CT
+GRID_SIZE = integer_argument(MIN_SIZE, 1024)
 
 
 @dataclass(frozen=True)
@@ -62,9 +77,7 @@ class ManifestRow:
 # ----------------------------------------------------------------------------- manifest
 def read_manifest(path: Path) -> list[ManifestRow | tuple[str, str]]:
     """Rows of the manifest; a row that cannot be used becomes (case_id, reason)."""
-    if not path.is_file():
-        raise MedSynError(f"manifest {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "manifest")
     if path.suffix == ".jsonl":
         try:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -101,13 +114,12 @@ def _manifest_row(record: dict, case_id: str, base: Path) -> ManifestRow:
     if not report and record.get("report_file"):
         report_path = resolve(record["report_file"])
         try:
-            report = report_path.read_bytes().decode("utf-8")
+            report = read_text(report_path, "report file")
         except OSError as error:
             raise MedSynError(f"cannot read report file {report_path}: {error.strerror}") from error
-        except UnicodeDecodeError as error:
-            raise MedSynError(f"report file {report_path} is not UTF-8 text") from error
     if not str(report).strip():
         raise MedSynError("empty report")
+    check_report(str(report))
     masks = {key[len("mask_"):]: resolve(v) for key, v in record.items() if key.startswith("mask_") and v}
     unknown = [name for name in masks if name not in STRUCTURES]
     if unknown:
@@ -121,18 +133,18 @@ def ct_rate_manifest(reports_csv: Path, volumes: Path, out: Path) -> int:
         raise MedSynError(f"need a reports CSV ({reports_csv}) and a volumes folder ({volumes})")
     files = {p.name: p for p in volumes.rglob("*.nii.gz")}
     rows = []
-    with open(reports_csv, encoding="utf-8", newline="") as file:
-        for record in csv.DictReader(file):
-            name = record.get("VolumeName", "")
-            if name in files:
-                report = " ".join(filter(None, (record.get("Findings_EN", ""), record.get("Impressions_EN", ""))))
-                rows.append({"case_id": name.removesuffix(".nii.gz"), "ct": str(files[name].resolve()), "report": report})
+    for record in csv.DictReader(read_text(reports_csv, "reports CSV").splitlines()):
+        name = record.get("VolumeName", "")
+        if name in files:
+            report = " ".join(filter(None, (record.get("Findings_EN", ""), record.get("Impressions_EN", ""))))
+            rows.append({"case_id": name.removesuffix(".nii.gz"), "ct": str(files[name].resolve()), "report": report})
     if not rows:
         raise MedSynError(f"no volume of {volumes} is named in {reports_csv}")
-    with open(out, "w", encoding="utf-8", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["case_id", "ct", "report"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["case_id", "ct", "report"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out, text.getvalue().encode("utf-8"))
     return len(rows)
 
 
@@ -152,7 +164,7 @@ def read_ct(path: Path) -> sitk.Image:
             image = reader.Execute()
             _check_slices(files)
         else:
-            image = sitk.ReadImage(str(path))
+            image = read_image(path, "CT")
     except RuntimeError as error:
         raise MedSynError(f"cannot read {path}: {str(error).strip().splitlines()[-1][:200]}") from error
     if image.GetDimension() != 3 or min(image.GetSize()) < MIN_SIZE:
@@ -207,10 +219,7 @@ def lung_field_of_view(masks: dict[str, np.ndarray], geometry: Geometry, size: i
 
 
 def _read_mask(path: Path, reference: sitk.Image) -> sitk.Image:
-    try:
-        mask = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise MedSynError(f"cannot read mask {path}") from error
+    mask = read_image(path, "mask")
     if mask.GetSize() != reference.GetSize():
         raise MedSynError(f"mask {path} has size {mask.GetSize()}, the CT {reference.GetSize()}")
     mask.CopyInformation(reference)
@@ -291,7 +300,6 @@ def prepare(manifest: Path, out: Path, options: PrepareOptions, *, workers: int 
     structures = STRUCTURE_SETS[structure_set]
     text_encoder = text_encoder or TextEncoderConfig(EMBEDDED_ENCODER)
     rows = read_manifest(manifest)
-    (out / "cases").mkdir(parents=True, exist_ok=True)
     settings = {"structures": list(structures), "size": options.size, "low_size": options.low_size,
                 "text_encoder": dataclasses.asdict(text_encoder), "options": dataclasses.asdict(options)}
     previous = json.loads((out / INDEX).read_text()) if (out / INDEX).is_file() else None
@@ -304,8 +312,9 @@ def prepare(manifest: Path, out: Path, options: PrepareOptions, *, workers: int 
     encoder = ReportEncoder(text_encoder, cache_dir=out / "text_cache") if todo else None
     features = encoder.encode([r.report for r in todo]) if todo else None
     texts = {r.case_id: (features.features[i].numpy(), features.mask[i].numpy()) for i, r in enumerate(todo)}
+    (out / "cases").mkdir(parents=True, exist_ok=True)  # only now: a bad text encoder leaves nothing behind
 
-    bar = tqdm(total=len(todo), desc="prepare", unit="case")
+    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=None)  # not on a non-terminal stderr
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:
             futures = [pool.submit(_prepare_case_safely, r, options, structures, texts[r.case_id], out) for r in todo]
@@ -339,20 +348,20 @@ def prepare(manifest: Path, out: Path, options: PrepareOptions, *, workers: int 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MedSynLib.prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", type=Path, help="CSV or JSONL, one row per case")
-    parser.add_argument("--out", type=Path, help="prepared dataset folder")
+    parser.add_argument("--manifest", type=EXISTING_FILE, help="CSV or JSONL, one row per case")
+    parser.add_argument("--out", type=OUTPUT_FOLDER, help="prepared dataset folder")
     parser.add_argument("--segmenter", default="classical", help="classical (no weights) or totalsegmentator")
     parser.add_argument("--structures", default="", help=f"structure set {sorted(STRUCTURE_SETS)} (default: the segmenter's)")
-    parser.add_argument("--size", type=int, default=256, help="stage-2 grid size")
-    parser.add_argument("--low-size", type=int, default=64, help="stage-1 grid size")
-    parser.add_argument("--margin-mm", type=float, default=15.0, help="margin around the lungs")
-    parser.add_argument("--workers", type=int, default=1, help="cases processed in parallel")
+    parser.add_argument("--size", type=GRID_SIZE, default=256, help="stage-2 grid size")
+    parser.add_argument("--low-size", type=GRID_SIZE, default=64, help="stage-1 grid size")
+    parser.add_argument("--margin-mm", type=number_argument(0, 1000), default=15.0, help="margin around the lungs")
+    parser.add_argument("--workers", type=WORKERS, default=1, help="cases processed in parallel")
     parser.add_argument("--text-encoder", default="embedded",
                         help="'embedded' (offline MiniLM, default), 'reference' (CXR-BERT as in the paper; needs the "
                              "hub), a Hugging Face id or a folder")
-    parser.add_argument("--from-ct-rate", nargs=2, type=Path, metavar=("REPORTS_CSV", "VOLUMES_DIR"),
+    parser.add_argument("--from-ct-rate", nargs=2, type=EXISTING_PATH, metavar=("REPORTS_CSV", "VOLUMES_DIR"),
                         help="write a manifest for CT-RATE-style data (with --write-manifest) and stop")
-    parser.add_argument("--write-manifest", type=Path, help="where --from-ct-rate writes the manifest")
+    parser.add_argument("--write-manifest", type=OUTPUT_FILE, help="where --from-ct-rate writes the manifest")
     args = parser.parse_args(argv)
     if args.from_ct_rate:
         if not args.write_manifest:
@@ -363,14 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.manifest or not args.out:
         raise MedSynError("--manifest and --out are required")
     options = PrepareOptions(args.size, args.low_size, args.margin_mm, args.segmenter, args.structures)
+    existed = args.out.exists()
     summary = prepare(args.manifest, args.out, options, workers=args.workers,
                       text_encoder=TextEncoderConfig.named(args.text_encoder))
-    for failure in summary["failed"]:
+    failed = summary["failed"]
+    if summary["prepared"] == 0:  # nothing of use was made: leave nothing behind, say why in one line
+        if not existed:
+            shutil.rmtree(args.out, ignore_errors=True)
+        first = failed[0] if failed else {"case_id": "-", "reason": "no case"}
+        raise MedSynError(f"every case failed ({len(failed)}); case {first['case_id']}: {first['reason']}")
+    for failure in failed:
         print(f"medsyn: case {failure['case_id']} failed: {failure['reason']}", file=sys.stderr)
-    print(f"prepared {summary['prepared']} case(s), {len(summary['failed'])} failed; see {args.out / 'failed.json'}",
+    print(f"prepared {summary['prepared']} case(s), {len(failed)} failed; see {args.out / 'failed.json'}",
           file=sys.stderr)
-    if summary["prepared"] == 0:
-        raise MedSynError("every case failed")
     return 0
 
 

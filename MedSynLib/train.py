@@ -35,11 +35,28 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .channels import ChannelLayout
-from .configuration import config_from_dict, config_to_dict, publish, read_json, write_json
+from .configuration import (
+    check_overrides,
+    check_settings,
+    config_from_dict,
+    config_to_dict,
+    publish,
+    read_json,
+    write_json,
+)
 from .data import PreparedDataset
-from .diffusion import focus_weights, training_target, weighted_mse
-from .errors import MedSynError, run_command
-from .networks import UNet3D, UNet3DConfig
+from .diffusion import PREDICTION_TYPES, SCHEDULES, focus_weights, training_target, weighted_mse
+from .errors import (
+    EXISTING_FILE,
+    EXISTING_FOLDER,
+    MAX_SEED,
+    MAX_STEPS,
+    OUTPUT_FOLDER,
+    MedSynError,
+    read_text,
+    run_command,
+)
+from .networks import NETWORK_LIMITS, UNet3D, UNet3DConfig
 from .pipeline import (
     WEIGHTS,
     MedSynPipeline,
@@ -55,7 +72,7 @@ from .pipeline import (
 )
 from .presets import stage_configs
 from .preview import preview_image
-from .text_encoder import ReportEncoder, TextEncoderConfig
+from .text_encoder import ReportEncoder, TextEncoderConfig, check_report
 from .training_data import Augmentation, DiffusionSamples, StreamSampler
 
 STAGES = ("stage1", "stage2")
@@ -105,17 +122,35 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be constant or cosine, got {self.lr_decay!r}")
-        if min(self.steps, self.batch_size, self.grad_accumulation, self.checkpoint_every, self.keep_checkpoints) < 1:
-            raise ValueError("steps, batch_size, grad_accumulation, checkpoint_every and keep_checkpoints must be >= 1")
+        check_settings(self, TRAIN_LIMITS)
+        for name, choices in (("mixed_precision", ("no", "bf16", "fp16")), ("lr_decay", ("constant", "cosine")),
+                              ("schedule", tuple(SCHEDULES)), ("prediction_type", PREDICTION_TYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         low, high = self.timestep_range
-        if not 0.0 <= low < high <= 1.0:
+        if not low < high:
             raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1, got {self.timestep_range}")
-        if not self.focus_weight >= 0:
-            raise ValueError(f"focus_weight must be >= 0, got {self.focus_weight}")
+        if self.zoom[0] > self.zoom[1]:
+            raise ValueError(f"zoom must be (low, high) with low <= high, got {self.zoom}")
+        if self.validation_report:
+            try:
+                check_report(self.validation_report)
+            except MedSynError as error:
+                raise ValueError(f"validation_report: {error}") from error
+        if self.network is not None:  # here, so that a bad size fails before a run folder exists
+            check_overrides(UNet3DConfig, self.network, NETWORK_LIMITS, source="network")
+
+
+# (low, high) of every number in TrainConfig: finite, and bounded so that a typo fails at once
+# instead of hanging, exhausting memory or overflowing a generator.
+TRAIN_LIMITS: dict[str, tuple[float, float]] = {
+    "steps": (1, 10**9), "batch_size": (1, 4096), "grad_accumulation": (1, 4096), "learning_rate": (0, 1),
+    "weight_decay": (0, 10), "warmup_steps": (0, 10**9), "grad_clip": (1e-6, 1e6), "ema_decay": (0, 1),
+    "ema_start": (0, 10**9), "cfg_drop": (0, 1), "seed": (0, MAX_SEED), "timestep_range": (0, 1), "num_workers": (0, 256),
+    "patch": (1, 4096), "lowres_noise_max": (0, 1), "focus_weight": (0, 1e4), "zoom": (0.1, 10), "rotate_degrees": (0, 180),
+    "log_every": (1, 10**9), "checkpoint_every": (1, 10**9), "keep_checkpoints": (1, 10**4),
+    "time_limit_minutes": (0, 10**7), "sample_every": (0, 10**9), "sample_steps": (1, MAX_STEPS),
+}
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -138,7 +173,7 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise MedSynError(f"cannot read override {pair!r}; use key=value")
         try:
             overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON (or a number past Python's 4300-digit limit): the text itself
             overrides[key] = value
     return overrides
 
@@ -151,7 +186,10 @@ def load_config_file(path: Path) -> dict:
             import yaml
         except ImportError as error:
             raise MedSynError("YAML configs need PyYAML (pip install pyyaml); or use JSON") from error
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(read_text(path, "config file")) or {}
+        except yaml.YAMLError as error:
+            raise MedSynError(f"config file {path} is not valid YAML: {error}") from error
         if not isinstance(data, dict):
             raise MedSynError(f"{path} must hold a mapping of settings")
         return data
@@ -438,7 +476,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
         model.train()
         total_loss = 0.0
         for micro in range(config.grad_accumulation):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in next_batch(batches).items()}
             sync = micro == config.grad_accumulation - 1 or world == 1
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
                 output = train_model(batch["x_t"], batch["t"], text=batch["text"] if stage == "stage1" else None,
@@ -492,6 +530,16 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
         check_replicas(model, run, is_main)
         dist.destroy_process_group()
     return run
+
+
+def next_batch(batches) -> dict[str, torch.Tensor]:
+    """The next batch. A data worker's error comes back wrapped in its traceback text; the run
+    stops with the worker's own one-line reason (its last line) instead."""
+    try:
+        return next(batches)
+    except MedSynError as error:
+        raise MedSynError(str(error).strip().splitlines()[-1].removeprefix(f"{MedSynError.__module__}.MedSynError: ")
+                          ) from None
 
 
 def check_replicas(model: UNet3D, run: Path, is_main: bool) -> None:
@@ -564,19 +612,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MedSynLib.train", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=[*STAGES, "export"])
     parser.add_argument("overrides", nargs="*", help="key=value settings of TrainConfig")
-    parser.add_argument("--data", type=Path, help="prepared dataset folder")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (or model folder for export)")
-    parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig settings")
+    parser.add_argument("--data", type=EXISTING_FOLDER, help="prepared dataset folder")
+    parser.add_argument("--out", type=OUTPUT_FOLDER, required=True, help="run folder (or model folder for export)")
+    parser.add_argument("--config", type=EXISTING_FILE, default=None, help="YAML or JSON file of TrainConfig settings")
     parser.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint")
-    parser.add_argument("--run", type=Path, action="append", default=[], help="export: a run folder (one per stage)")
-    parser.add_argument("--base", type=Path, default=None, help="export: a model folder giving the stage without a run")
+    parser.add_argument("--run", type=EXISTING_FOLDER, action="append", default=[],
+                        help="export: a run folder (one per stage)")
+    parser.add_argument("--base", type=EXISTING_FOLDER, default=None,
+                        help="export: a model folder giving the stage without a run")
     args = parser.parse_intermixed_args(argv)
     if args.command == "export":
         print(f"wrote {export(args.run, args.out, base=args.base)}", file=sys.stderr)
         return 0
     if args.data is None:
         raise MedSynError("--data is required for training")
-    train(args.command, args.data, args.out, resolve_config(args.config, args.overrides), resume=args.resume)
+    config = resolve_config(args.config, args.overrides)
+    existed = args.out.exists()
+    try:
+        train(args.command, args.data, args.out, config, resume=args.resume)
+    except BaseException:  # a run that failed before its first checkpoint leaves nothing behind
+        if not existed and not any((args.out / "checkpoints").glob("step_*")):
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     return 0
 
 

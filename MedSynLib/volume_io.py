@@ -9,10 +9,12 @@ renamed at the end, so a crash or an error leaves nothing half-written.
 
 from __future__ import annotations
 
+import gzip
 import json
 import platform
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import slicerio
 
 from .anatomy import STRUCTURES, label_map_to_masks, resolve_structures
 from .configuration import publish
-from .errors import MedSynError
+from .errors import MedSynError, require_path
 from .geometry import Geometry
 from .preview import preview_image
 
@@ -84,18 +86,9 @@ def write_result(result, out_dir: str | Path, *, extra_metadata: dict | None = N
 
 def check_output_folder(out_dir: Path, *, overwrite: bool) -> None:
     """Fail before any work if the result could not be written."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MedSynError(f"output {out_dir} exists and is not a folder")
+    require_path(out_dir, "output folder", "output")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise MedSynError(f"output folder {out_dir} is not empty (use --overwrite to replace it)")
-    parent = out_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as error:
-        raise MedSynError(f"cannot write into {parent}: {error.strerror}") from error
 
 
 def software_versions() -> dict[str, str]:
@@ -108,20 +101,63 @@ def software_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def read_image(path: str | Path, what: str = "volume") -> sitk.Image:
+    """A volume file, read whole or refused with the reason.
+
+    SimpleITK reads a NIfTI file that was cut short (or whose gzip stream was) without a
+    word, the missing voxels as 0, and reads its NaN voxels as 0 too; so a NIfTI file's
+    bytes are checked first (`_check_nifti`). Other formats keep NaN: checked after reading.
+    """
+    path = require_path(path, "file", what)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        if "vox_offset" in reader.GetMetaDataKeys():
+            _check_nifti(path, reader, what)
+        image = reader.Execute()
+    except RuntimeError as error:
+        detail = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        raise MedSynError(f"cannot read {what} {path}: {detail}") from error
+    voxels = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(voxels.dtype, np.floating) and not np.isfinite(voxels).all():
+        raise MedSynError(f"{what} {path} holds NaN or infinite voxels")
+    return image
+
+
+NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float voxels
+
+
+def _check_nifti(path: Path, reader: sitk.ImageFileReader, what: str) -> None:
+    """Refuse a NIfTI file whose gzip stream ends early, that is shorter than its header says,
+    or whose float voxels are NaN or infinite."""
+    try:
+        with gzip.open(path) if path.name.lower().endswith(".gz") else open(path, "rb") as file:
+            data = file.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise MedSynError(f"{what} {path} is cut short or corrupt (its gzip stream is incomplete)") from error
+    meta = reader.GetMetaData
+    count = int(np.prod([int(meta(f"dim[{i}]")) for i in range(1, int(meta("dim[0]")) + 1)]))
+    offset = int(float(meta("vox_offset")))
+    expected = offset + count * int(meta("bitpix")) // 8
+    if len(data) < expected:
+        raise MedSynError(f"{what} {path} is cut short: {len(data)} of the {expected} bytes its header announces")
+    kind = NIFTI_FLOATS.get(int(meta("datatype")))
+    if kind is not None:
+        order = "<" if int.from_bytes(data[:4], "little") in (348, 540) else ">"  # sizeof_hdr tells the byte order
+        if not np.isfinite(np.frombuffer(data, dtype=order + kind, count=count, offset=offset)).all():
+            raise MedSynError(f"{what} {path} holds NaN or infinite voxels")
+
+
 def read_anatomy(path: str | Path, structures: tuple[str, ...]) -> tuple[dict[str, np.ndarray], Geometry]:
     """Masks of the `structures` present in a label map (anatomy.py label values) or a .seg.nrrd.
 
     Structures absent from the file are left out, so the model generates them freely.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MedSynError(f"anatomy file {path} does not exist")
+    path = require_path(path, "file", "anatomy file")
     if path.name.endswith(".seg.nrrd"):
         return _read_segmentation(path, structures)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise MedSynError(f"cannot read anatomy file {path}: {str(error).strip().splitlines()[-1]}") from error
+    image = read_image(path, "anatomy file")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1 or min(image.GetSize()) < 2:
         raise MedSynError(f"anatomy file {path} must be a 3D single-component label map, got size {image.GetSize()}")
     array = sitk.GetArrayFromImage(image)

@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from MedSynLib.anatomy import LOBES, STRUCTURES, label_map_to_masks, standard_masks
-from MedSynLib.errors import MedSynError
+from MedSynLib.errors import MedSynError, read_text
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
@@ -106,10 +106,7 @@ def _case_from_folder(folder: Path, case_id: str) -> Case | None:
 
 def _cases_from_manifest(path: Path) -> list[Case]:
     base = path.parent
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise MedSynError(f"cannot read manifest {path}: {error}") from error
+    text = read_text(path, "manifest")
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     else:
@@ -182,11 +179,9 @@ def _read_image(path: Path) -> sitk.Image:
         from MedSynLib.testdata import read_dicom_series
 
         return read_dicom_series(path)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        detail = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
-        raise MedSynError(f"cannot read {path}: {detail}") from error
+    from MedSynLib.volume_io import read_image
+
+    return read_image(path)
 
 
 def _label_masks(path: Path, reference: sitk.Image) -> dict[str, np.ndarray]:

@@ -29,6 +29,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,19 @@ from tqdm import tqdm
 
 from MedSynLib.anatomy import standard_masks
 from MedSynLib.configuration import atomic_write_bytes, config_to_dict
-from MedSynLib.errors import MedSynError, run_command
+from MedSynLib.errors import (
+    EXISTING_FILE,
+    EXISTING_FOLDER,
+    GUIDANCE,
+    OUTPUT_FILE,
+    OUTPUT_FOLDER,
+    STEPS,
+    WORKERS,
+    MedSynError,
+    integer_argument,
+    read_text,
+    run_command,
+)
 from MedSynLib.evaluation.findings import (
     FINDING_KINDS,
     Detection,
@@ -48,7 +61,7 @@ from MedSynLib.evaluation.findings import (
     requested_findings,
 )
 from MedSynLib.preview import preview_image
-from MedSynLib.text_encoder import TextFeatures
+from MedSynLib.text_encoder import TextFeatures, check_report
 
 # Phantom-style reports: each finding asked for on its own, with the others denied.
 DEFAULT_PROMPTS = (
@@ -65,6 +78,7 @@ DEFAULT_PROMPTS = (
     "Impression: No acute cardiopulmonary abnormality.",
 )
 CONSISTENCY_STRUCTURES = ("left_lung", "right_lung", "airway", "vessels")
+SAMPLES = integer_argument(0, 10_000)
 
 
 @dataclass(frozen=True)
@@ -275,35 +289,37 @@ def load_report_features(path: Path, prompts: list[str], encoder: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-def _numbers(text: str, kind: Callable) -> list:
-    try:
-        return [None if v.strip() == "default" else kind(v) for v in text.split(",")]
-    except ValueError as error:
-        raise MedSynError(f"cannot read {text!r} as a comma-separated list of numbers or 'default'") from error
+def _settings(item: Callable[[str], Any]) -> Callable[[str], list]:
+    """An argparse type: comma-separated values of `item`'s type, or 'default' for the model's."""
+
+    def parse(text: str) -> list:
+        return [None if value.strip() == "default" else item(value.strip()) for value in text.split(",")]
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MedSynLib.evaluation.control", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded model)")
-    parser.add_argument("--out", type=Path, required=True, help="report folder")
-    parser.add_argument("--prompts", type=Path, help="text file, one report per line (default: built-in prompts)")
-    parser.add_argument("--samples", type=int, default=16, help="volumes per prompt and setting (0: no text control)")
-    parser.add_argument("--guidance", default="default", help="comma-separated guidance scales, or 'default'")
-    parser.add_argument("--steps", default="default", help="comma-separated stage-1 step counts, or 'default'")
-    parser.add_argument("--anatomy-samples", type=int, default=0, help="volume pairs for anatomy control (0: skip)")
+    parser.add_argument("--model", type=EXISTING_FOLDER, default=None, help="model folder (default: the embedded model)")
+    parser.add_argument("--out", type=OUTPUT_FOLDER, required=True, help="report folder")
+    parser.add_argument("--prompts", type=EXISTING_FILE, help="text file, one report per line (default: built-in prompts)")
+    parser.add_argument("--samples", type=SAMPLES, default=16, help="volumes per prompt and setting (0: no text control)")
+    parser.add_argument("--guidance", type=_settings(GUIDANCE), default=[None],
+                        help="comma-separated guidance scales, or 'default'")
+    parser.add_argument("--steps", type=_settings(STEPS), default=[None],
+                        help="comma-separated stage-1 step counts, or 'default'")
+    parser.add_argument("--anatomy-samples", type=SAMPLES, default=0, help="volume pairs for anatomy control (0: skip)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=1, help="processes running the finding detectors")
-    parser.add_argument("--save-report-features", type=Path, metavar="FILE",
+    parser.add_argument("--workers", type=WORKERS, default=1, help="processes running the finding detectors")
+    parser.add_argument("--save-report-features", type=OUTPUT_FILE, metavar="FILE",
                         help="encode the prompts into FILE (safetensors) and stop")
-    parser.add_argument("--report-features", type=Path, metavar="FILE",
+    parser.add_argument("--report-features", type=EXISTING_FILE, metavar="FILE",
                         help="prompt features from --save-report-features: sample where the encoder is absent")
     args = parser.parse_args(argv)
 
     from MedSynLib.pipeline import EMBEDDED_MODEL, MedSynPipeline, resolve_device
 
-    if args.prompts is not None and not args.prompts.is_file():
-        raise MedSynError(f"prompts file {args.prompts} does not exist")
-    prompts = ([line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = ([check_report(line) for line in read_text(args.prompts, "prompts file").splitlines() if line.strip()]
                if args.prompts else list(DEFAULT_PROMPTS))
     pipeline = MedSynPipeline.from_pretrained(args.model or EMBEDDED_MODEL)
     encoder = config_to_dict(pipeline.text_encoder_config)
@@ -312,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     features = load_report_features(args.report_features, prompts, encoder) if args.report_features else None
     device = resolve_device(args.device)
-    settings = settings_grid(_numbers(args.guidance, float), _numbers(args.steps, int))
+    settings = settings_grid(args.guidance, args.steps)
     text = text_control(pipeline, prompts, settings, samples=args.samples, device=device, workers=args.workers,
                         report_features=features) if args.samples else None
     anatomy = (anatomy_control(pipeline, samples=args.anatomy_samples, prompt=prompts[-1], device=device)

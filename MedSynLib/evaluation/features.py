@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from MedSynLib.errors import MedSynError
+from MedSynLib.errors import MedSynError, weights_file_problem
 
 # --------------------------------------------------------------------------------------
 # A 3D bottleneck ResNet whose parameter names match both torchvision-style checkpoints used
@@ -395,7 +395,7 @@ def load_med3d(path: str | Path) -> ResNet3d:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for non-weight files
         raise MedSynError(f"cannot load {path} as weights only (a plain state dict is needed): "
-                          f"{str(error).strip().splitlines()[0][:200]}") from error
+                          f"{weights_file_problem(error)}") from error
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MedSynError(f"{path} holds no state dict of tensors")

@@ -101,6 +101,8 @@ def evaluate_case(case: Case, role: str, extractor: FeatureExtractor, segmenter,
 
     start = time.perf_counter()
     features = extractor(loaded.hu, loaded.spacing)
+    if not np.isfinite(features).all():  # the distribution metrics would fail on them, far from the cause
+        raise MedSynError(f"the {extractor.name} features of {case.ct} are not finite (NaN or infinite)")
     timings["features"] = time.perf_counter() - start
 
     crop = body_crop(loaded.hu)
@@ -288,7 +290,7 @@ def run_evaluation(real_source: str | Path, fake_source: str | Path, out: str | 
     volumes: dict[str, list[np.ndarray]] = {"real": [], "fake": []}
     results: dict[str, list[CaseResult]] = {"real": [], "fake": []}
     for role, cases in (("real", real_cases), ("fake", fake_cases)):
-        for case in tqdm(cases, desc=f"{role} volumes", unit="vol", disable=not progress, file=sys.stderr):
+        for case in tqdm(cases, desc=f"{role} volumes", unit="vol", disable=None if progress else True, file=sys.stderr):
             results[role].append(evaluate_case(case, role, extractor, segmenter, options, volumes[role]))
 
     # 3. Set-level metrics.
