@@ -159,6 +159,47 @@ def test_extensions_index_entry_follows_the_catalog_schema():
     assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
 
 
+# scripts/check_description_files.py of Slicer/ExtensionsIndex: ACCEPTED_EXTENSION_CATEGORIES
+# and the license file names check_license_file looks for at the repository root.
+INDEX_CATEGORIES = frozenset({
+    "Active Learning", "Analysis", "Auto3dgm", "BigImage", "Cardiac", "Chest Imaging Platform", "Conda",
+    "Converters", "DICOM", "DSCI", "Developer Tools", "Diffusion", "Examples", "Exporter", "FTV Segmentation",
+    "Filtering", "Filtering.Morphology", "Filtering.Vesselness", "Holographic Display", "Image Synthesis", "IGT",
+    "Informatics", "Netstim", "Neuroimaging", "Nuclear Medicine", "Orthodontics", "Osteotomy Planning",
+    "Otolaryngology", "Photogrammetry", "Pipelines", "Planning", "Printing", "Quantification", "Radiotherapy",
+    "Registration", "Remote", "Rendering", "SPHARM", "Segmentation", "Sequences", "Shape Analysis",
+    "Shape Regression", "Shape Visualization", "Simulation", "SlicerCMF", "SlicerMorph", "Spectral Imaging",
+    "Supervisely", "Surface Models", "SurfaceLearner", "Tomographic Reconstruction", "Tracking", "Tractography",
+    "Training", "Ultrasound", "Utilities", "Vascular Modeling Toolkit", "Virtual Reality", "VisSimTools",
+    "Web System Tools", "Wizards",
+})  # fmt: skip
+INDEX_LICENSE_FILES = ("LICENSE", "LICENCE", "License.txt", "license.txt", "LICENSE.txt", "COPYING", "COPYING.txt")
+
+
+def extension_description() -> dict[str, str]:
+    """The EXTENSION_* fields of the top-level CMakeLists.txt."""
+    cmake = (REPO_ROOT / "CMakeLists.txt").read_text()
+    return dict(re.findall(r'set\(EXTENSION_(\w+)\s+"([^"]*)"\)', cmake))
+
+
+def test_extension_description_passes_the_index_checks():
+    description = extension_description()
+    assert description["CATEGORY"] in INDEX_CATEGORIES
+    assert any((REPO_ROOT / name).is_file() for name in INDEX_LICENSE_FILES)
+    assert "Apache License" in (REPO_ROOT / "LICENSE").read_text()  # pyproject.toml: Apache-2.0
+    repository = json.loads((REPO_ROOT / "MedSynExtension" / "MedSyn.json").read_text())["scm_url"]
+    owner_name = re.fullmatch(r"https://github\.com/([^/]+/[^/]+?)(\.git)?", repository).group(1)
+    urls = [url for key in ("HOMEPAGE", "ICONURL", "SCREENSHOTURLS") for url in description[key].split()]
+    assert description["SCREENSHOTURLS"].split()
+    for url in urls:
+        raw = re.fullmatch(rf"https://raw\.githubusercontent\.com/{owner_name}/[^/]+/(.+)", url)
+        blob = re.fullmatch(rf"https://github\.com/{owner_name}/(?:blob|raw)/[^/]+/(.+)", url)
+        path = (raw or blob).group(1) if raw or blob else None
+        assert path is None or (REPO_ROOT / path).is_file(), url
+        if path and url in description["SCREENSHOTURLS"]:
+            assert path.endswith((".png", ".jpg", ".jpeg", ".gif")), url
+
+
 def test_icon_is_a_128_pixel_png():
     pil = pytest.importorskip("PIL.Image")
     with pil.open(MODULE_DIR / "Resources" / "Icons" / "MedSyn.png") as icon:

@@ -193,3 +193,96 @@ def test_missing_torch_goes_through_the_pytorch_extension(medsyn, installer, mon
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
     assert not medsyn.MedSynLogic().setupPythonRequirements(askConfirmation=True)
     assert asked == [True] and installer["installed"] == []
+
+
+class _Signal:
+    def __init__(self) -> None:
+        self.slots = []
+
+    def connect(self, slot) -> None:
+        self.slots.append(slot)
+
+    def emit(self, *args) -> None:
+        for slot in self.slots:
+            slot(*args)
+
+
+class _Widget:
+    """Any other panel widget: its signals connect, its properties take values."""
+
+    def __getattr__(self, name):
+        value = _Signal() if name.endswith(("Changed", "clicked")) else (lambda *args, **kwargs: None)
+        setattr(self, name, value)
+        return value
+
+
+class _QLineEdit:
+    def __init__(self) -> None:
+        self.text = ""
+        self.textChanged = _Signal()  # noqa: N815 (Qt's name)
+
+    def className(self) -> str:  # noqa: N802 (Qt's name)
+        return "QLineEdit"
+
+    def children(self) -> list:
+        return []
+
+
+class _CtkPathLineEdit:
+    """ctkPathLineEdit as CTK writes it: currentPath is its inner line edit's text, and
+    currentPathChanged is emitted only for acceptable (non-empty) text."""
+
+    def __init__(self) -> None:
+        self.lineEdit = _QLineEdit()
+        self.currentPathChanged = _Signal()  # noqa: N815 (CTK's name)
+        self.lineEdit.textChanged.connect(lambda text: text and self.currentPathChanged.emit(text))
+
+    def children(self) -> list:
+        return [self.lineEdit]
+
+    @property
+    def currentPath(self) -> str:  # noqa: N802 (CTK's name)
+        return self.lineEdit.text
+
+    @currentPath.setter
+    def currentPath(self, path: str) -> None:  # noqa: N802 (CTK's name)
+        self.lineEdit.text = path
+        self.lineEdit.textChanged.emit(path)
+
+
+def test_clearing_the_model_folder_returns_to_the_embedded_model(medsyn, monkeypatch):
+    field = _CtkPathLineEdit()
+    report = _Widget()
+    report.toPlainText = lambda: "Normal chest."
+    ui = types.SimpleNamespace(
+        modelPathLineEdit=field, reportTextEdit=report, exampleComboBox=_Widget(), generateButton=_Widget(),
+        cancelButton=_Widget(), seedSpinBox=_Widget(),
+    )
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: _Widget())
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
+    monkeypatch.setattr(medsyn.ScriptedLoadableModuleWidget, "setup", lambda self: None, raising=False)
+    widget = medsyn.MedSynWidget()
+    widget.layout, widget.resourcePath = _Widget(), lambda path: path
+    widget.initializeParameterNode = lambda: None
+    widget.setup()
+    widget.removeObservers()  # its scene observers are not under test
+    widget._parameterNode = parameters = types.SimpleNamespace(
+        reportText="Normal chest.", modelFolder="", seed=1, randomSeed=False, steps=0, guidanceScale=0.0,
+        device="cpu", tileSize=0, conditioningSegmentation=None,
+    )
+
+    field.currentPath = "/models/mine "  # chosen with the browse button
+    assert parameters.modelFolder == "/models/mine"
+    field.currentPath = ""  # the user clears the field
+    assert parameters.modelFolder == ""
+    widget.updateGUIFromParameterNode()  # any parameter change: the old folder must not come back
+    assert field.currentPath == ""
+    assert medsyn.MedSynLogic.requestFromParameterNode(parameters).model_dir is None
+    parameters.modelFolder = "/models/other"  # set from the console or a loaded scene: shown in the field
+    widget.updateGUIFromParameterNode()
+    assert field.currentPath == "/models/other"
+
+
+@pytest.mark.parametrize(("text", "folder"), [("", ""), ("   ", ""), (None, ""), (" /m/a ", "/m/a")])
+def test_model_folder_field_text(medsyn, text, folder):
+    assert medsyn.medsynjob.model_folder_from_field(text) == folder

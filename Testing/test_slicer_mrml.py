@@ -379,6 +379,59 @@ def test_terminology_comes_before_the_name():
     assert mrml.structure_for_segment(broken) == "vessels"
 
 
+# SlicerTotalSegmentator's lung, airway and vessel rows (Resources/totalsegmentator_snomed_mapping.csv):
+# class name, type, type modifier, anatomic region, the standard segment name it sets, and the
+# MedSyn structure. Lobe and lung names come from Slicer's DICOM list, the others from its own.
+_TS_LEFT, _TS_RIGHT, _TS_LUNG = "SCT^7771000^Left", "SCT^24028007^Right", "SCT^39607008^Lung"
+TOTALSEGMENTATOR_SEGMENTS = [
+    ("lung_upper_lobe_left", "SCT^45653009^Upper lobe of lung", _TS_LEFT, "", "left upper lobe of lung",
+     "left_upper_lobe"),
+    ("lung_lower_lobe_left", "SCT^90572001^Lower lobe of lung", _TS_LEFT, "", "left lower lobe of lung",
+     "left_lower_lobe"),
+    ("lung_upper_lobe_right", "SCT^45653009^Upper lobe of lung", _TS_RIGHT, "", "right upper lobe of lung",
+     "right_upper_lobe"),
+    ("lung_middle_lobe_right", "SCT^72481006^Middle lobe of right lung", "", "", "middle lobe of right lung",
+     "right_middle_lobe"),
+    ("lung_lower_lobe_right", "SCT^90572001^Lower lobe of lung", _TS_RIGHT, "", "right lower lobe of lung",
+     "right_lower_lobe"),
+    ("lung_left", "SCT^39607008^Lung", _TS_LEFT, "", "left lung", "left_lung"),
+    ("lung_right", "SCT^39607008^Lung", _TS_RIGHT, "", "right lung", "right_lung"),
+    ("lung_trachea_bronchia", "SCT^110726009^Trachea and bronchus", "", "", "trachea and bronchus", "airway"),
+    ("lung_airways", "SCT^110726009^Trachea and bronchus", "", "", "trachea and bronchus", "airway"),
+    ("lung_vessels", "SCT^59820001^Blood vessel", "", _TS_LUNG, "blood vessel", "vessels"),
+    # Not MedSyn structures: both lungs in one, the trachea alone, the airway wall, the central
+    # pulmonary artery and vein, and vessels of another organ.
+    ("lung", "SCT^39607008^Lung", "", "", "lung", None),
+    ("trachea", "SCT^44567001^Trachea", "", "", "trachea", None),
+    ("lung_airways_wall", "SCT^955009^Bronchus", "", "", "airway wall", None),
+    ("pulmonary_artery", "SCT^81040000^Pulmonary artery", "", "", "pulmonary artery", None),
+    ("pulmonary_vein", "SCT^122972007^Pulmonary vein", "", "", "pulmonary vein", None),
+    ("liver_vessels", "SCT^59820001^Blood vessel", "", "SCT^10200004^Liver", "blood vessel", None),
+]
+
+
+def _totalsegmentator_terminology(kind: str, modifier: str, region: str) -> str:
+    """The tag SlicerTotalSegmentator writes (loadTotalSegmentatorLabelTerminology)."""
+    context = "Total Segmentator" if kind.split("^")[1] in {"110726009", "59820001", "955009"} else "DICOM master list"
+    return (f"Segmentation category and type - {context}~SCT^123037004^Anatomical Structure~{kind}~"
+            f"{modifier or '^^'}~Anatomic codes - DICOM master list~{region or '^^'}~^^|")
+
+
+@pytest.mark.parametrize(("class_name", "kind", "modifier", "region", "standard_name", "structure"),
+                         TOTALSEGMENTATOR_SEGMENTS, ids=[row[0] for row in TOTALSEGMENTATOR_SEGMENTS])
+@pytest.mark.parametrize("named", ["class name", "standard name", "name only"])
+def test_totalsegmentator_segments_map_by_code_and_by_name(class_name, kind, modifier, region, standard_name,
+                                                           structure, named):
+    segment = slicer.vtkSegment()
+    segment.SetName(class_name if named == "class name" else standard_name)
+    if named != "name only":
+        segment.SetTag(mrml.TERMINOLOGY_TAG, _totalsegmentator_terminology(kind, modifier, region))
+    expected = structure
+    if named == "name only" and class_name == "liver_vessels":
+        expected = "vessels"  # without its terminology, "blood vessel" cannot say which organ
+    assert mrml.structure_for_segment(segment) == expected
+
+
 def test_totalsegmentator_style_segmentation_exports(scene):
     labels = sample_labels()
     node = empty_segmentation(scene)

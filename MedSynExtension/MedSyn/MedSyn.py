@@ -62,7 +62,8 @@ free-text radiology report, with a text-conditioned diffusion model (MedSyn). Op
 the anatomy can be given as a segmentation, and the CT is generated to fit it.
 <p><b>Every image made here is synthetic.</b> It shows no patient, is not a diagnosis and must
 not be used for clinical decisions. The embedded default model is a small demonstration
-model trained on phantoms (it draws anatomy but does not yet follow the report's findings);
+model trained on phantoms (it draws the lobes, airway and vessels, and an effusion's side moves
+the lungs, but findings are not yet drawn at their true densities);
 results are only as good as the model folder used.</p>
 <p>Console use:</p>
 <pre>
@@ -138,7 +139,9 @@ class MedSynWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.exampleComboBox.addItem(title, text)
         self.ui.exampleComboBox.currentIndexChanged.connect(self.onExampleSelected)
         self.ui.reportTextEdit.textChanged.connect(self.onReportChanged)
-        self.ui.modelPathLineEdit.currentPathChanged.connect(self.onModelPathChanged)
+        # Not currentPathChanged: ctkPathLineEdit does not emit it for an empty (or invalid) text.
+        modelPathText = slicer.util.findChildren(self.ui.modelPathLineEdit, className="QLineEdit")[0]
+        modelPathText.textChanged.connect(self.onModelPathEdited)
         self.ui.generateButton.clicked.connect(self.onGenerate)
         self.ui.cancelButton.clicked.connect(self.onCancel)
 
@@ -193,10 +196,9 @@ class MedSynWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.reportTextEdit.blockSignals(True)
             self.ui.reportTextEdit.setPlainText(parameters.reportText)
             self.ui.reportTextEdit.blockSignals(wasBlocked)
-        if parameters and self.ui.modelPathLineEdit.currentPath != parameters.modelFolder:
-            wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
-            self.ui.modelPathLineEdit.currentPath = parameters.modelFolder
-            self.ui.modelPathLineEdit.blockSignals(wasBlocked)
+        fieldFolder = medsynjob.model_folder_from_field(self.ui.modelPathLineEdit.currentPath)
+        if parameters and fieldFolder != parameters.modelFolder:
+            self.ui.modelPathLineEdit.currentPath = parameters.modelFolder  # echoes back an equal value
         self.ui.seedSpinBox.enabled = bool(parameters) and not parameters.randomSeed
         running = self.logic.isRunning
         hasReport = bool(parameters and parameters.reportText.strip())
@@ -215,9 +217,9 @@ class MedSynWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.reportText = self.ui.reportTextEdit.toPlainText()
 
-    def onModelPathChanged(self, path) -> None:
+    def onModelPathEdited(self, text) -> None:
         if self._parameterNode:
-            self._parameterNode.modelFolder = path.strip()
+            self._parameterNode.modelFolder = medsynjob.model_folder_from_field(text)
 
     def onGenerate(self) -> None:
         parameters = self._parameterNode

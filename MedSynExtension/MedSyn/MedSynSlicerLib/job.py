@@ -284,6 +284,15 @@ def child_environment() -> dict[str, str]:
     }
 
 
+def model_folder_from_field(text: str | None) -> str:
+    """The model folder a path field's text stands for; blank means the embedded model ("").
+
+    The panel reads the field's text on every edit: ctkPathLineEdit emits currentPathChanged
+    only for a valid, non-empty path, so a cleared field would otherwise keep the old folder.
+    """
+    return (text or "").strip()
+
+
 def default_model_dir() -> Path:
     """The embedded model that `MedSynLib.generate` uses when no --model is given."""
     return library_root() / "MedSynLib" / "models" / "default"

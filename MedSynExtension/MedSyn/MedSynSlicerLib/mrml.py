@@ -247,7 +247,9 @@ _NAME_ALIASES: dict[str, tuple[str, ...]] = {
     "right_upper_lobe": ("RUL",),
     "right_middle_lobe": ("RML",),
     "right_lower_lobe": ("RLL",),
-    "airway": ("airways", "trachea bronchia", "trachea and bronchi", "bronchial tree", "airway tree"),
+    "airway": (
+        "airways", "trachea bronchia", "trachea and bronchi", "trachea and bronchus", "bronchial tree", "airway tree",
+    ),
     "vessels": ("blood vessels", "vasculature", "vessel tree"),
 }
 
@@ -258,7 +260,7 @@ def _name_key(name: str) -> frozenset[str]:
     for word in re.split(r"[^a-z0-9]+", name.lower()):
         if not word or word in _FILLER_WORDS:
             continue
-        if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us")):  # bronchus, not bronchu
             word = word[:-1]
         words.add(word)
     return frozenset(words)
@@ -280,8 +282,21 @@ def _terminology_key(terminology: dict) -> tuple[str, str, str] | None:
     return (kind[0], kind[1], modifier[1] if len(modifier) > 1 else "")
 
 
+# Codes other tools use for a MedSyn structure: TotalSegmentator (and Slicer's TotalSegmentator
+# terminology) tag lung_trachea_bronchia and lung_airways "Trachea and bronchus".
+_OTHER_TERMINOLOGY_KEYS: dict[tuple[str, str, str], str] = {("SCT", "110726009", ""): "airway"}
+# MedSyn's structures are in the lungs: a terminology placing one elsewhere (TotalSegmentator's
+# liver_vessels is "Blood vessel" in the liver) is another structure, whatever its name.
+_LUNG_REGION = ("SCT", "39607008")
+
+
 def _structure_terminology_keys() -> dict[tuple[str, str, str], str]:
-    return {_terminology_key(s.terminology()): s.name for s in STRUCTURES.values()}
+    return {**_OTHER_TERMINOLOGY_KEYS, **{_terminology_key(s.terminology()): s.name for s in STRUCTURES.values()}}
+
+
+def _outside_the_lungs(terminology: dict) -> bool:
+    region = terminology.get("anatomicRegion") or []
+    return len(region) > 1 and bool(region[1]) and tuple(region[:2]) != _LUNG_REGION
 
 
 def structure_for_segment(segment) -> str | None:
@@ -293,9 +308,12 @@ def structure_for_segment(segment) -> str | None:
         from slicerio.segmentation import terminology_entry_from_string
 
         try:
-            key = _terminology_key(terminology_entry_from_string(entry))
+            terminology = terminology_entry_from_string(entry)
         except (IndexError, ValueError):
-            key = None
+            terminology = {}
+        if _outside_the_lungs(terminology):
+            return None
+        key = _terminology_key(terminology)
         match = _structure_terminology_keys().get(key) if key else None
         if match:
             return match
