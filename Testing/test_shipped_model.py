@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from MedSynLib.anatomy import LEFT_LOBES, RIGHT_LOBES
+from MedSynLib.anatomy import LEFT_LOBES, RIGHT_LOBES, standard_masks
 from MedSynLib.pipeline import EMBEDDED_MODEL, MedSynPipeline
 from MedSynLib.text_encoder import EMBEDDED_ENCODER
 
@@ -42,7 +42,7 @@ def test_card_says_what_the_model_is_for():
 
 def test_shipped_model_is_the_trained_two_stage_demo(shipped):
     assert shipped.config.trained
-    assert (shipped.stage1_config.size, shipped.stage2_config.size) == (64, 128)
+    assert (shipped.stage1_config.size, shipped.stage2_config.size) == (32, 128)
     assert shipped.text_encoder_config.model == EMBEDDED_ENCODER
 
 
@@ -59,3 +59,25 @@ def test_a_short_generation_draws_air_filled_lungs_on_their_sides_inside_a_body(
     # LPS arrays: x (last axis) grows toward the patient's left.
     assert np.argwhere(left)[:, 2].mean() > np.argwhere(right)[:, 2].mean() + 10
     assert result.metadata["synthetic"] and result.metadata["model_trained"]
+    assert result.masks["airway"].any() and result.masks["vessels"].any()  # stage 2 learned the thin structures
+
+
+def lung_ml(shipped, report: str, seed: int = 0) -> dict[str, float]:
+    """Volume (mL) of each generated lung (the union of its lobe masks)."""
+    result = shipped.generate(report, seed=seed, stage2_steps=1)
+    masks = standard_masks(result.masks)
+    voxel_ml = float(np.prod(result.geometry.spacing)) / 1000
+    return {side: float(masks[f"{side}_lung"].sum()) * voxel_ml for side in ("left", "right")}
+
+
+def test_the_report_decides_the_side_of_the_effusion(shipped):
+    # A property the trained model learned: an effusion takes the room of the lung on the side the
+    # report names (a text-blind model gives the same lungs for all three reports of one seed).
+    left = lung_ml(shipped, "Findings: Moderate left pleural effusion. No pulmonary nodules. Normal heart size. "
+                            "Impression: Left pleural effusion.")
+    right = lung_ml(shipped, "Findings: There is a moderate right pleural effusion. No pulmonary nodules. "
+                             "Normal heart size. Impression: Right pleural effusion.")
+    none = lung_ml(shipped, "Findings: No pleural effusion. No pulmonary nodules. Normal heart size. "
+                            "Impression: No acute cardiopulmonary abnormality.")
+    assert left["left"] < right["left"] - 100 and left["left"] < none["left"] - 100
+    assert right["right"] < left["right"] - 100 and right["right"] < none["right"] - 100

@@ -4,11 +4,13 @@
 #   recipes/demo_model/make_demo_model.sh [WORK_DIR]                      # every step, into out/demo
 #   STEPS="train export" recipes/demo_model/make_demo_model.sh WORK_DIR   # some steps
 #   TIME_LIMIT=60 STEPS=train recipes/demo_model/make_demo_model.sh       # train for an hour, resume later
+#   TIME_LIMIT=35 TRAIN_STAGES=stage1 STEPS=train recipes/demo_model/make_demo_model.sh  # stage 1 alone
 #
 # Steps: data (balanced phantoms -> prepare: data32, 2,400 cases whose 32^3 grids teach stage 1;
 # data128, 240 cases at 128^3 for stage 2), train (both stages at once, each on one thread of
 # its own; resumable: run it again to continue), export (model folder), evaluate (text and
-# anatomy control over the built-in prompts on held-out seeds, and a guidance x steps sweep),
+# anatomy control over the built-in prompts, and a guidance x steps sweep; SAMPLES and
+# SWEEP_SAMPLES, ANATOMY_SAMPLES set how many volumes per prompt and setting),
 # install (copy into the package and print the checksums for the model card).
 # TIME_LIMIT (minutes, default 0 = none) stops both trainings with a checkpoint; TRAIN_ARGS adds
 # key=value settings to both stages, e.g. TRAIN_ARGS="steps=2000".
@@ -22,7 +24,10 @@ WORKERS=${WORKERS:-$(nproc)}
 PYTHON=${PYTHON:-python}
 TIME_LIMIT=${TIME_LIMIT:-0}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+TRAIN_STAGES=${TRAIN_STAGES:-"stage1 stage2"}
 SAMPLES=${SAMPLES:-16}
+SWEEP_SAMPLES=${SWEEP_SAMPLES:-4}
+ANATOMY_SAMPLES=${ANATOMY_SAMPLES:-8}
 
 train() {  # stage dataset threads
   # shellcheck disable=SC2086
@@ -44,20 +49,25 @@ for step in $STEPS; do
         --structures lobes --size 128 --low-size 32 --workers "$WORKERS"
       ;;
     train)
-      # Two single-threaded runs side by side use 2 cores better than one run after the other
-      # on two threads (benchmarks/README.md); a GPU machine runs both on the GPU.
-      train stage1 data32 1 & first=$!
-      train stage2 data128 1 & second=$!
-      wait $first && wait $second
+      # Two single-threaded runs side by side use 2 cores a little better than one after the
+      # other (benchmarks/README.md); one stage alone (TRAIN_STAGES=stage1) takes every core.
+      pids=()
+      for stage in $TRAIN_STAGES; do
+        data=data128 && [ "$stage" = stage1 ] && data=data32
+        threads=$(nproc) && [ "$TRAIN_STAGES" != "$stage" ] && threads=1
+        train "$stage" "$data" "$threads" & pids+=($!)
+      done
+      for pid in "${pids[@]}"; do wait "$pid"; done
       ;;
     export)
       "$PYTHON" -m MedSynLib.train export --run "$WORK/runs/stage1" --run "$WORK/runs/stage2" --out "$WORK/model"
       ;;
     evaluate)
       "$PYTHON" -m MedSynLib.evaluation.control --model "$WORK/model" --out "$WORK/control" --samples "$SAMPLES" \
-        --anatomy-samples 8 --workers "$WORKERS"
-      "$PYTHON" -m MedSynLib.evaluation.control --model "$WORK/model" --out "$WORK/control_sweep" --samples 8 \
-        --guidance 1,2,4 --steps 8,16 --workers "$WORKERS"
+        --anatomy-samples "$ANATOMY_SAMPLES" --workers "$WORKERS"
+      # Guidance x stage-1 steps for the effusion and cardiomegaly prompts (sweep_prompts.txt).
+      "$PYTHON" -m MedSynLib.evaluation.control --model "$WORK/model" --out "$WORK/control_sweep" \
+        --prompts "$HERE/sweep_prompts.txt" --samples "$SWEEP_SAMPLES" --guidance 1,2,4 --steps 8,16 --workers "$WORKERS"
       ;;
     install)
       cp "$WORK"/model/model_index.json "$HERE/../../MedSynLib/models/default/"
