@@ -400,7 +400,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
     if config.focus_weight > 0 and not focus:
         raise MedSynError(f"focus_weight needs one of focus_structures {list(config.focus_structures)} in the "
                           f"dataset's structures {list(layout.structures)}")
-    focus_channels = layout.channels_of(focus) if config.focus_weight > 0 else []
+    focus_channels = layout.channels_of(focus)
     torch.manual_seed(config.seed)
     model = UNet3D(stage_cfg.network)
     if config.init_weights:  # before anything is written: a wrong model folder leaves no run behind
