@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from .compat import zip_strict
 from .errors import MedSynError, check_number, read_text
 
 ConfigT = TypeVar("ConfigT")
@@ -81,7 +82,7 @@ def _check_value(name: str, value: Any, hint: Any, limits: tuple[float, float] |
         if not isinstance(value, tuple) or len(value) != len(items):
             raise ValueError(f"{name} must be a list of {len(items) if args[-1:] != (Ellipsis,) else 'some'} "
                              f"values, got {value!r}")
-        for item, item_hint in zip(value, items, strict=True):
+        for item, item_hint in zip_strict(value, items):
             _check_value(name, item, item_hint, limits)
     elif hint in (int, float):
         check_number(name, value, *(limits or (-math.inf, math.inf)), integer=hint is int)

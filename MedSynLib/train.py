@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .channels import ChannelLayout
+from .compat import zip_strict
 from .configuration import (
     check_overrides,
     check_settings,
@@ -83,7 +85,7 @@ class TrainConfig:
     """Every hyper-parameter of a run; files and key=value overrides may set any of them."""
 
     preset: str = "small"
-    network: dict | None = None  # overrides of the preset's network config, e.g. {"dim": 48}
+    network: Optional[dict] = None  # overrides of the preset's network config, e.g. {"dim": 48}
     steps: int = 10_000
     batch_size: int = 1  # per process
     grad_accumulation: int = 4
@@ -359,7 +361,7 @@ def all_agree(flag: bool, world: int, device: torch.device) -> bool:
 
 @torch.no_grad()
 def update_ema(ema: UNet3D, model: UNet3D, decay: float) -> None:
-    for ema_value, value in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+    for ema_value, value in zip_strict(ema.state_dict().values(), model.state_dict().values()):
         if ema_value.dtype.is_floating_point:
             ema_value.lerp_(value, 1 - decay)
         else:

@@ -3,9 +3,10 @@
 `slicer-core` brings MRML, `slicer.util` and VTK but no Qt: no `qt` module, no
 `slicer.ScriptedLoadableModule`, `slicer.parameterNodeWrapper`, `slicer.i18n` or
 `slicer.app`. These stand-ins are just enough to import the module file and drive its
-Logic from a test: base classes that do nothing, a parameterNodeWrapper that leaves the
-class as it is, `tr` as the identity, a QTimer whose ticks the test calls by hand, and an
-app whose processEvents does nothing. The widget (real Qt) is not exercised here.
+Logic from a test: base classes that only keep their parent, a parameterNodeWrapper that
+leaves the class as it is, `tr` as the identity, a QTimer whose ticks the test calls by hand,
+and an app with a version, recorded signal connections and a processEvents that does
+nothing. The widget (real Qt) is not exercised here.
 
 Use `install(monkeypatch)`: every change is undone after the test.
 """
@@ -58,11 +59,33 @@ def _module(name: str, **attributes) -> types.ModuleType:
     return module
 
 
-def install(monkeypatch, slicer, *, testing: bool = True):
-    """Put the stand-ins in place on the imported slicer-core `slicer` package."""
+class FakeApp:
+    """slicer.app stand-in: its version, and the (signal, slot) pairs connected to it."""
+
+    def __init__(self, version: tuple[int, int], testing: bool) -> None:
+        self.majorVersion, self.minorVersion = version  # noqa: N815 (Qt's names)
+        self.connections: list[tuple[str, object]] = []
+        self._testing = testing
+
+    def connect(self, signal: str, slot) -> None:
+        self.connections.append((signal, slot))
+
+    def testingEnabled(self) -> bool:  # noqa: N802 (Qt's name)
+        return self._testing
+
+    def processEvents(self) -> None:  # noqa: N802 (Qt's name)
+        pass
+
+
+def _keep_parent(self, parent=None, *args, **kwargs) -> None:
+    self.parent = parent
+
+
+def install(monkeypatch, slicer, *, testing: bool = True, version: tuple[int, int] = (5, 13)):
+    """Put the stand-ins in place on the imported slicer-core `slicer` package (Slicer `version`)."""
     FakeTimer.instances.clear()
     base = {
-        name: type(name, (), {"__init__": lambda self, *args, **kwargs: None})
+        name: type(name, (), {"__init__": _keep_parent})
         for name in (
             "ScriptedLoadableModule",
             "ScriptedLoadableModuleLogic",
@@ -81,8 +104,6 @@ def install(monkeypatch, slicer, *, testing: bool = True):
     }
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(
-        slicer, "app", types.SimpleNamespace(testingEnabled=lambda: testing, processEvents=lambda: None), raising=False
-    )
+    monkeypatch.setattr(slicer, "app", FakeApp(version, testing), raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
     monkeypatch.delitem(sys.modules, "MedSyn", raising=False)

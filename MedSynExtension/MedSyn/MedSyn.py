@@ -10,7 +10,28 @@ import logging
 import random
 import sys
 from pathlib import Path
-from typing import Annotated
+
+import slicer
+
+# The oldest Slicer this module runs in (its Python 3.9 and every Slicer API used here were
+# checked against the 5.6 sources); newer releases and the preview run it too.
+MINIMUM_SLICER_VERSION = (5, 6)
+
+
+def _require_slicer_version() -> None:
+    """On an older Slicer, stop loading with one message that says what is needed. Runs
+    before anything that an older Slicer (or its Python 3.6) cannot import."""
+    version = (slicer.app.majorVersion, slicer.app.minorVersion)
+    if version < MINIMUM_SLICER_VERSION:
+        raise RuntimeError(
+            "MedSyn needs 3D Slicer {}.{} or newer; this is Slicer {}.{}. "
+            "Install a current release from https://download.slicer.org".format(*MINIMUM_SLICER_VERSION, *version)
+        )
+
+
+_require_slicer_version()
+
+from typing import Annotated  # noqa: E402
 
 
 def _make_library_importable() -> None:
@@ -26,7 +47,6 @@ def _make_library_importable() -> None:
 _make_library_importable()
 
 import qt  # noqa: E402
-import slicer  # noqa: E402
 import vtk  # noqa: E402
 from MedSynSlicerLib import job as medsynjob  # noqa: E402
 from MedSynSlicerLib import mrml as medsynmrml  # noqa: E402
@@ -81,6 +101,8 @@ MedSyn (Xu et al., "MedSyn: Text-guided Anatomy-aware Synthesis of High-Fidelity
 Images", IEEE TMI 2024) is the method this module implements; the code is an independent
 implementation by the MedSyn for 3D Slicer developers.
 """)
+        # A generation still running when Slicer quits is killed and its work folder removed.
+        slicer.app.connect("aboutToQuit()", medsynjob.stop_all_jobs)
 
 
 #
@@ -223,9 +245,11 @@ class MedSynWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onGenerate(self) -> None:
         parameters = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the generation."), waitCursor=True):
+        # No wait cursor while installing: it asks first, and pip shows its own progress (Slicer 5.12+).
+        with slicer.util.tryWithErrorDisplay(_("Failed to install MedSyn's Python packages.")):
             if not self.logic.setupPythonRequirements(askConfirmation=True, tiling=parameters.tileSize > 0):
                 return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the generation."), waitCursor=True):
             request = self.logic.requestFromParameterNode(parameters)
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
@@ -278,8 +302,9 @@ class MedSynWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 def _slicerLauncher(args, environment, cwd):
-    """Start a process with Slicer's startup environment; stdout and stderr merged, text mode."""
-    return slicer.util.launchConsoleProcess(list(args), updateEnvironment=environment, cwd=cwd)
+    """Start a process in Slicer's startup environment, as slicer.util.launchConsoleProcess would,
+    but in a process group of its own (so Cancel reaches python-real) and read as UTF-8."""
+    return medsynjob.subprocess_launcher(args, environment, cwd, base_environment=slicer.util.startupEnvironment())
 
 
 def _printEvent(event) -> None:
@@ -321,17 +346,21 @@ class MedSynLogic(ScriptedLoadableModuleLogic):
         )
 
     def setupPythonRequirements(self, askConfirmation=True, tiling=False) -> bool:
-        """Install what the generator imports, after asking. False if the user declined."""
-        if not medsynjob.torch_installed():
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError as error:
-                raise RuntimeError(_(
-                    "MedSyn needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, "
-                    "restart Slicer, and try again."
-                )) from error
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation) is None:
+        """Install what the generator imports, after asking; False if the user declined.
+
+        PyTorch comes from the PyTorch extension (a build for this computer's GPU), at least the
+        version the library needs; the pip calls after it are constrained to the installed torch,
+        numpy and SimpleITK, so no dependency can replace them.
+        """
+        torchVersion = medsynjob.installed_version("torch")
+        if torchVersion is None:
+            if not self._installTorch(askConfirmation):
                 return False
+        elif not medsynjob.is_recent_torch(torchVersion):
+            raise RuntimeError(_(
+                "MedSyn needs PyTorch {minimum} or newer, and PyTorch {version} is installed. In the 'PyTorch Utils' "
+                "module, install PyTorch with the version requirement '>={minimum}', restart Slicer and try again."
+            ).format(minimum=medsynjob.MINIMUM_TORCH, version=torchVersion))
         missing = medsynjob.missing_packages(tiling=tiling)
         missingNoDeps = medsynjob.missing_no_deps_packages()
         if not missing and not missingNoDeps:
@@ -342,9 +371,10 @@ class MedSynLogic(ScriptedLoadableModuleLogic):
         ):
             return False
         if missing:
-            slicer.util.pip_install(" ".join(missing))
+            with medsynjob.pinned_constraints() as constraints:
+                slicer.util.pip_install([*missing, "--constraint", str(constraints)])
         if missingNoDeps:
-            slicer.util.pip_install(" ".join(["--no-deps", *missingNoDeps]))
+            slicer.util.pip_install(["--no-deps", *missingNoDeps])
         importlib.invalidate_caches()
         stillMissing = medsynjob.missing_packages(tiling=tiling) + medsynjob.missing_no_deps_packages()
         if stillMissing:
@@ -353,6 +383,21 @@ class MedSynLogic(ScriptedLoadableModuleLogic):
                 "Restart Slicer and try again."
             ).format(packages=", ".join(stillMissing)))
         return True
+
+    @staticmethod
+    def _installTorch(askConfirmation) -> bool:
+        """PyTorch through the PyTorch extension, at the library's minimum version; False if declined."""
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError as error:
+            raise RuntimeError(_(
+                "MedSyn needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, "
+                "restart Slicer, and try again."
+            )) from error
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=askConfirmation, torchVersionRequirement=f">={medsynjob.MINIMUM_TORCH}"
+        )
+        return torch is not None
 
     def startGeneration(self, request, conditioningSegmentation=None, onEvent=None, onFinished=None) -> None:
         """Start in the background. onEvent(JobEvent) for each progress/log line;
@@ -487,7 +532,7 @@ class MedSynTest(ScriptedLoadableModuleTest):
         )
         geometry2 = medsynmrml.geometry_of_volume_node(volume2)
         self.assertEqual(geometry2.shape, geometry.shape)
-        for a, b in zip(geometry2.origin + geometry2.spacing, geometry.origin + geometry.spacing, strict=True):
+        for a, b in zip(geometry2.origin + geometry2.spacing, geometry.origin + geometry.spacing):
             self.assertAlmostEqual(a, b, places=3)
         self.delayDisplay("Test passed")
 

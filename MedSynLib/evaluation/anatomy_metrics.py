@@ -30,6 +30,8 @@ from scipy.sparse import csgraph
 
 from MedSynLib.anatomy import LOBES
 
+from ..compat import zip_strict
+
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
@@ -116,7 +118,7 @@ def airway_topology(
     _, piece = csgraph.connected_components(within, directed=False)
     # Links between pieces of consecutive shells.
     step = shell[cols] == shell[rows] + 1
-    links = set(zip(piece[rows[step]].tolist(), piece[cols[step]].tolist(), strict=True))
+    links = set(zip_strict(piece[rows[step]].tolist(), piece[cols[step]].tolist()))
     children: dict[int, list[int]] = {}
     has_parent = set()
     for parent, child in sorted(links):

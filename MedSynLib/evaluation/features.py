@@ -65,6 +65,8 @@ from torch import nn
 
 from MedSynLib.errors import MedSynError, weights_file_problem
 
+from ..compat import zip_strict
+
 # --------------------------------------------------------------------------------------
 # A 3D bottleneck ResNet whose parameter names match both torchvision-style checkpoints used
 # here (I3ResNet of Merlin/Astra and MedicalNet).
@@ -130,7 +132,7 @@ class ResNet3d(nn.Module):
         self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
         inplanes = 64
         for index, (blocks, planes, stride, dilation) in enumerate(
-            zip(layout.blocks, (64, 128, 256, 512), layout.strides, layout.dilations, strict=True), start=1
+            zip_strict(layout.blocks, (64, 128, 256, 512), layout.strides, layout.dilations), start=1
         ):
             stage = [Bottleneck3d(inplanes, planes, stride=stride, dilation=dilation, project=True)]
             inplanes = planes * Bottleneck3d.expansion
@@ -179,7 +181,7 @@ def body_crop(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
 
 def resize_volume(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     """(D, H, W) -> size: area averaging along axes that shrink, then trilinear along axes that grow."""
-    shrunk = tuple(min(n, s) for n, s in zip(volume.shape, size, strict=True))
+    shrunk = tuple(min(n, s) for n, s in zip_strict(volume.shape, size))
     x = volume[None, None]
     if shrunk != tuple(volume.shape):
         x = F.interpolate(x, size=shrunk, mode="area")
@@ -313,7 +315,7 @@ def chest_ct_weights_path(backbone: str = "astra", *, join: bool = True) -> Path
         return target
     shards = [_package_file(package, "part.bin") for package in weights.packages]
     if any(shard is None for shard in shards):
-        missing = [p for p, s in zip(weights.packages, shards, strict=True) if s is None]
+        missing = [p for p, s in zip_strict(weights.packages, shards) if s is None]
         raise MedSynError(f"the chest-ct feature weights are not installed (missing {', '.join(missing)}); "
                           f"run: {weights.install_command()}")
     if not join:

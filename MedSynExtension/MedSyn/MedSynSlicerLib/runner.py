@@ -29,18 +29,18 @@ def prepare_job(
     launcher: Launcher | None = None,
     python_executable: str | None = None,
 ) -> GenerationJob:
-    """A job ready to start; with a conditioning segmentation, its label map is written for --anatomy.
+    """A job ready to start; a conditioning segmentation is written as the .seg.nrrd for --anatomy.
 
-    `reference` (a volume node or Geometry) sets the grid of that label map and hence of
-    the results; by default it is the segmentation's own reference geometry.
+    `reference` (a volume node or Geometry) sets the grid of that file and hence of the
+    results; by default it is the segmentation's own reference geometry.
     """
     check_model_dir(request.model_dir)
     work_dir = Path(tempfile.mkdtemp(prefix="MedSyn-"))
     try:
         anatomy_file = None
         if conditioning_segmentation is not None:
-            export = mrml.labels_from_segmentation_node(conditioning_segmentation, reference)
-            anatomy_file = export.write(work_dir / "anatomy-input.nii.gz")
+            export = mrml.anatomy_from_segmentation_node(conditioning_segmentation, reference)
+            anatomy_file = export.write(work_dir / "anatomy-input.seg.nrrd")
         return GenerationJob(
             request,
             python_executable=python_executable,
