@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Importing the pipeline loads torch; keep `import MedSynLib` itself light.
     if name in ("MedSynPipeline", "GenerationResult"):
-        from . import pipeline
+        from MedSynLib.pipeline import generation as pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'MedSynLib' has no attribute {name!r}")

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from .compat import zip_strict
-from .errors import MedSynError, check_number, read_text
+from MedSynLib.compat import zip_strict
+from MedSynLib.errors import MedSynError, check_number, read_text
 
 ConfigT = TypeVar("ConfigT")
 

@@ -13,12 +13,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .compat import zip_strict
+from MedSynLib.compat import zip_strict
 
 if TYPE_CHECKING:  # SimpleITK is imported where images are made: training and sampling run without it
     import SimpleITK as sitk
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# The field of view a generated volume spans when nothing gives it one: the reference's volumes
+# were registered to an atlas and resized to 256^3 without a physical spacing; MedSyn places them
+# on 1.25 mm voxels (convert.py), and every smaller model on the same 320 mm cube.
+NOMINAL_FIELD_OF_VIEW_MM = 320.0
+# Two grids are the same when they differ by less than float round-off of what files store.
+SPACING_TOLERANCE = 1e-4  # relative and absolute (mm)
+ORIGIN_TOLERANCE_MM = 1e-3
+DIRECTION_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,15 @@ class Geometry:
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
+
+    def matches(self, other: Geometry) -> bool:
+        """The same voxel grid (shape, spacing, origin and direction), up to file round-off."""
+        return (
+            tuple(self.shape) == tuple(other.shape)
+            and np.allclose(self.spacing, other.spacing, rtol=SPACING_TOLERANCE, atol=SPACING_TOLERANCE)
+            and np.allclose(self.origin, other.origin, atol=ORIGIN_TOLERANCE_MM)
+            and np.allclose(self.direction, other.direction, atol=DIRECTION_TOLERANCE)
+        )
 
     def as_dict(self) -> dict:
         return {"shape": list(self.shape), "spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}

@@ -1,40 +1,5 @@
-"""`python -m MedSynLib.init_model`: a model folder of a preset with random (untrained) weights.
+"""`python -m MedSynLib.init_model`: the command in MedSynLib/cli/init_model.py."""
 
-Lets the whole tool chain run before any trained model exists, and is the starting point
-of training. The folder's model_index.json says `"trained": false`, and `generate` warns.
-"""
+from MedSynLib.cli import run_module
 
-from __future__ import annotations
-
-import argparse
-import sys
-
-from .anatomy import STRUCTURE_SETS
-from .errors import OUTPUT_FOLDER, SEED, run_command
-from .presets import PRESETS, build_pipeline
-from .text_encoder import TextEncoderConfig, encoder_hidden_size
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m MedSynLib.init_model", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--out", type=OUTPUT_FOLDER, required=True)
-    parser.add_argument("--structures", default="lobes", help=f"one of {sorted(STRUCTURE_SETS)} or names joined by ','")
-    parser.add_argument("--channel-encoding", choices=["binary", "reference"], default="binary")
-    parser.add_argument("--text-encoder", default=None,
-                        help="'embedded' (offline MiniLM), 'reference' (CXR-BERT, needs the hub), a hub id or a folder; "
-                             "default: reference for the paper preset, embedded otherwise")
-    parser.add_argument("--seed", type=SEED, default=0)
-    args = parser.parse_args(argv)
-    text_encoder = TextEncoderConfig.named(args.text_encoder or ("reference" if args.preset == "paper" else "embedded"))
-    pipeline = build_pipeline(
-        args.preset, structures=args.structures, channel_encoding=args.channel_encoding,
-        text_encoder=text_encoder, text_dim=encoder_hidden_size(text_encoder), seed=args.seed,
-    )
-    pipeline.save_pretrained(args.out)
-    print(f"wrote untrained {args.preset} model to {args.out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_command(main))
+run_module(__name__, "init_model")

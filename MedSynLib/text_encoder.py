@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .compat import zip_strict
-from .configuration import atomic_write_bytes
-from .errors import MedSynError, require_path, weights_file_problem
+from MedSynLib.compat import zip_strict
+from MedSynLib.configuration import atomic_write_bytes
+from MedSynLib.errors import MedSynError, require_path, weights_file_problem
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def tiny_pipeline():
-    from MedSynLib.presets import build_pipeline
+    from MedSynLib.pipeline.presets import build_pipeline
 
     return build_pipeline("tiny", seed=0)
 
@@ -43,9 +43,9 @@ def phantom_dataset(tmp_path_factory, text_encoder):
     import torch.nn.functional as F
 
     from MedSynLib.anatomy import STRUCTURE_SETS
-    from MedSynLib.data import Case, write_case, write_index
+    from MedSynLib.data.prepared import PreparedCase, write_case, write_index
     from MedSynLib.geometry import Geometry
-    from MedSynLib.phantom import make_phantom
+    from MedSynLib.phantoms.chest import make_phantom
 
     root = tmp_path_factory.mktemp("prepared")
     (root / "cases").mkdir()
@@ -61,7 +61,7 @@ def phantom_dataset(tmp_path_factory, text_encoder):
             tensor = torch.from_numpy(array.astype(np.float32))[None, None]
             return F.interpolate(tensor, size=(16, 16, 16), mode="nearest")[0, 0].numpy()
 
-        case = Case(
+        case = PreparedCase(
             case_id=f"phantom{seed}", ct_hu=phantom.ct_hu, ct_hu_low=low(phantom.ct_hu).astype(np.int16),
             masks={n: phantom.masks[n] for n in structures},
             masks_low={n: low(phantom.masks[n]) > 0.5 for n in structures},

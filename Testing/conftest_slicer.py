@@ -66,7 +66,7 @@ FAKE_GENERATOR = textwrap.dedent(
     import slicerio
     from MedSynLib.anatomy import STRUCTURE_SETS
     from MedSynLib.geometry import Geometry
-    from MedSynLib.volume_io import write_segmentation
+    from MedSynLib.io.volumes import write_segmentation
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--report-file", required=True)
@@ -190,6 +190,16 @@ def read_pids(pid_file: Path, timeout: float = 20.0) -> tuple[int, int]:
         time.sleep(0.02)
     launcher_pid, child_pid = (int(p) for p in pid_file.read_text().split())
     return launcher_pid, child_pid
+
+
+def processes_end(pids, timeout: float = 10.0) -> bool:
+    """Whether every pid ends within `timeout`: a SIGKILL lands at once, the exit a moment later."""
+    deadline = time.monotonic() + timeout
+    while any(process_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def process_alive(pid: int) -> bool:

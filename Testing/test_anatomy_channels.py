@@ -14,7 +14,7 @@ from MedSynLib.anatomy import (
     masks_to_label_map,
     resolve_structures,
 )
-from MedSynLib.channels import ChannelLayout, hu_to_unit, unit_to_hu
+from MedSynLib.pipeline.channels import ChannelLayout, hu_to_unit, unit_to_hu
 
 
 def test_structure_table_is_consistent():

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from MedSynLib.anatomy import STRUCTURE_SETS, masks_to_label_map
 from MedSynLib.errors import run_command
 from MedSynLib.geometry import Geometry
-from MedSynLib.phantom import make_phantom
+from MedSynLib.phantoms.chest import make_phantom
 
 COMMANDS = ("generate", "prepare", "train", "evaluate", "convert", "init_model", "phantom_cases", "evaluation.control")
 GRID = ["--size", "32", "--low-size", "16"]
@@ -298,7 +298,7 @@ def test_bad_input_ends_cleanly(case, corpus, tmp_path, capsys, monkeypatch):
 
     places, before = corpus
     command, arguments, fragment = CASES[case]
-    main = importlib.import_module(f"MedSynLib.{command}").main
+    main = importlib.import_module(f"MedSynLib.{command}" if "." in command else f"MedSynLib.cli.{command}").main
     code = run_command(main, [_fill(a, {**places, "out": tmp_path / "out"}) for a in arguments])
     _check_clean(code, capsys.readouterr().err, fragment)
     assert list(tmp_path.iterdir()) == [], "left behind"
@@ -307,7 +307,7 @@ def test_bad_input_ends_cleanly(case, corpus, tmp_path, capsys, monkeypatch):
 
 def test_a_case_that_a_data_worker_cannot_read_stops_training_with_one_line(corpus, tmp_path, capsys):
     """Found only once training runs (its zip directory is whole): progress output comes first, then one line."""
-    from MedSynLib.train import main
+    from MedSynLib.cli.train import main
 
     code = run_command(main, ["stage1", "--data", str(corpus[0]["in"] / "damaged_case_data"), "--out",
                               str(tmp_path / "run"), "preset=tiny", "steps=1", "grad_accumulation=1", "num_workers=1",
@@ -319,7 +319,7 @@ def test_a_case_that_a_data_worker_cannot_read_stops_training_with_one_line(corp
 
 
 def test_non_finite_features_are_refused_before_the_metrics(corpus, tmp_path, monkeypatch, capsys):
-    from MedSynLib.evaluate import main
+    from MedSynLib.cli.evaluate import main
     from MedSynLib.evaluation import runner
     from MedSynLib.evaluation.features import FeatureExtractor
 
@@ -349,7 +349,7 @@ def test_commands_as_processes_print_one_line_and_no_traceback(command, argument
 @pytest.mark.parametrize(("weights", "fragment"), [
     ("random.bin", "not a weights file"), ("empty.bin", "empty or cut short"), ("pickle.bin", "could run code")])
 def test_convert_says_plainly_why_a_weights_file_is_refused(weights, fragment, corpus, tmp_path, capsys):
-    from MedSynLib.convert import main
+    from MedSynLib.cli.convert import main
 
     inputs = corpus[0]["in"]
     code = run_command(main, ["reference", "--stage1", str(inputs / weights), "--stage2", str(inputs / weights),

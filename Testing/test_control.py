@@ -11,7 +11,7 @@ import torch
 from MedSynLib.errors import MedSynError, run_command
 from MedSynLib.evaluation import control
 from MedSynLib.evaluation.findings import requested_findings
-from MedSynLib.pipeline import MedSynPipeline
+from MedSynLib.pipeline.generation import MedSynPipeline
 
 
 def test_default_prompts_each_ask_for_one_finding_and_deny_the_others():

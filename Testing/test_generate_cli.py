@@ -14,8 +14,8 @@ import SimpleITK as sitk
 import slicerio
 
 from MedSynLib.anatomy import STRUCTURES
+from MedSynLib.cli.generate import main
 from MedSynLib.errors import run_command
-from MedSynLib.generate import main
 
 REPORT = "Moderate right pleural effusion. Heart size is normal."
 

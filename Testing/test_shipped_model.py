@@ -1,4 +1,4 @@
-"""The trained demonstration model shipped in MedSynLib/models/default: whole, as its card says, and trained."""
+"""The trained demonstration model shipped in MedSynLib/pretrained/default: whole, as its card says, and trained."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from MedSynLib.anatomy import LEFT_LOBES, RIGHT_LOBES, standard_masks
-from MedSynLib.pipeline import EMBEDDED_MODEL, MedSynPipeline
+from MedSynLib.pipeline.generation import MedSynPipeline
+from MedSynLib.pipeline.model_folder import EMBEDDED_MODEL
 from MedSynLib.text_encoder import EMBEDDED_ENCODER
 
 CARD = EMBEDDED_MODEL / "README.md"
@@ -42,7 +43,7 @@ def test_card_says_what_the_model_is_for():
 
 def test_shipped_model_is_the_trained_two_stage_demo(shipped):
     assert shipped.config.trained
-    assert (shipped.stage1_config.size, shipped.stage2_config.size) == (32, 128)
+    assert (shipped.stage1.config.size, shipped.stage2.config.size) == (32, 128)
     assert shipped.text_encoder_config.model == EMBEDDED_ENCODER
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest_slicer import fake_launcher, process_alive, read_pids, write_fake_generator  # noqa: E402
+from conftest_slicer import fake_launcher, process_alive, processes_end, read_pids, write_fake_generator  # noqa: E402
 from MedSynSlicerLib import job  # noqa: E402
 from MedSynSlicerLib.job import EventKind, GenerationJob, GenerationRequest, JobEvent  # noqa: E402
 
@@ -261,7 +261,7 @@ def test_cancel_kills_the_launcher_and_the_interpreter_it_started(tmp_path, fake
     generation.cancel()
     assert time.monotonic() - started < 0.5  # the GUI thread is not held up
     _wait_until(lambda: generation.poll() is not None and generation.finished)  # the panel leaves "running"
-    assert not process_alive(launcher_pid) and not process_alive(interpreter_pid)
+    assert processes_end([launcher_pid, interpreter_pid])
     assert generation.cancelled and not generation.succeeded
     assert generation.failure_message() == job.CANCELLED_MESSAGE
     assert not generation.output_dir.exists()
@@ -276,8 +276,8 @@ def test_stopping_all_jobs_on_exit_kills_them_and_removes_their_folders(tmp_path
     generations = [_started_slow_job(tmp_path / str(n), fake_script, calls) for n in range(2)]
     pids = [pid for call in calls for pid in read_pids(call["pid_file"])]
     job.stop_all_jobs()
-    assert not any(process_alive(pid) for pid in pids)
     assert not any(g.work_dir.exists() for g in generations)
+    assert processes_end(pids)
     job.stop_all_jobs()  # nothing left to stop
 
 

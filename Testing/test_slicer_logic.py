@@ -28,6 +28,7 @@ from conftest_slicer import (  # noqa: E402
     fake_launcher,
     import_slicer_core,
     process_alive,
+    processes_end,
     read_pids,
     write_fake_generator,
 )
@@ -164,7 +165,7 @@ def test_panel_cancel_stops_launcher_and_interpreter_and_adds_nothing(medsyn, tm
     assert time.monotonic() - started < 0.5  # the GUI thread is not held up
     run_timer_until(lambda: finished, timeout=10)
     assert finished == [(None, medsyn.medsynjob.CANCELLED_MESSAGE)]
-    assert not any(process_alive(pid) for pid in pids)
+    assert processes_end(pids)
     assert not work_dir.exists()
     assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before
     assert not logic.isRunning
@@ -183,7 +184,7 @@ def test_quitting_slicer_kills_a_running_generation_and_removes_its_folder(medsy
     for signal, slot in slicer.app.connections:
         if signal == "aboutToQuit()":
             slot()  # Slicer quits; the poll timer never ticks again
-    assert not any(process_alive(pid) for pid in pids)
+    assert processes_end(pids)
     assert not work_dir.exists()
 
 

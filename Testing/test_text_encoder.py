@@ -77,8 +77,8 @@ def test_aliases_name_the_embedded_and_the_reference_encoder():
 
 
 def test_paper_models_default_to_the_reference_encoder_which_needs_the_hub(tmp_path, capsys):
+    from MedSynLib.cli.init_model import main
     from MedSynLib.errors import run_command
-    from MedSynLib.init_model import main
 
     assert run_command(main, ["--preset", "paper", "--out", str(tmp_path / "paper")]) == 2
     assert "BiomedVLP-CXR-BERT-specialized" in capsys.readouterr().err

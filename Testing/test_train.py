@@ -16,16 +16,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from MedSynLib import train as train_module
+from MedSynLib.cli.train import main as train_main
 from MedSynLib.errors import MedSynError, run_command
-from MedSynLib.pipeline import MedSynPipeline
+from MedSynLib.pipeline.generation import MedSynPipeline
+from MedSynLib.training import checkpoints
+from MedSynLib.training.config import resolve_config
+from MedSynLib.training.export import export
 
 FAST = ["preset=tiny", "num_workers=0", "warmup_steps=0", "grad_accumulation=1", "batch_size=2", "log_every=1",
         "sample_every=0", "ema_start=0", "ema_decay=0.9", "patch=[16,16,16]"]
 
 
 def run_train(*args):
-    return run_command(train_module.main, [str(a) for a in args])
+    return run_command(train_main, [str(a) for a in args])
 
 
 def losses(run):
@@ -67,8 +70,8 @@ def test_export_makes_a_model_that_generate_uses(trained_runs, tmp_path):
     pipeline = MedSynPipeline.from_pretrained(model)
     assert pipeline.config.trained and "40 steps" in pipeline.config.description
     ema = latest_weights(trained_runs / "stage1", "ema")
-    assert torch.equal(pipeline.stage1.state_dict()["final_conv.weight"], ema["final_conv.weight"])
-    from MedSynLib.generate import main as generate_main
+    assert torch.equal(pipeline.stage1.network.state_dict()["final_conv.weight"], ema["final_conv.weight"])
+    from MedSynLib.cli.generate import main as generate_main
 
     out = tmp_path / "generated"
     assert run_command(generate_main, ["--model", str(model), "--report", "Left pleural effusion.", "--out", str(out),
@@ -100,7 +103,7 @@ def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(phantom_dataset
 
 def test_a_failed_save_keeps_the_previous_checkpoint(phantom_dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_save, calls = train_module.save_file, []
+    real_save, calls = checkpoints.save_file, []
 
     def save_until_disk_full(tensors, path):
         calls.append(path)
@@ -108,9 +111,9 @@ def test_a_failed_save_keeps_the_previous_checkpoint(phantom_dataset, tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(tensors, path)
 
-    monkeypatch.setattr(train_module, "save_file", save_until_disk_full)
+    monkeypatch.setattr(checkpoints, "save_file", save_until_disk_full)
     with pytest.raises(OSError):
-        train_module.main(["stage1", "--data", str(phantom_dataset), "--out", str(run), *FAST, "steps=4",
+        train_main(["stage1", "--data", str(phantom_dataset), "--out", str(run), *FAST, "steps=4",
                            "checkpoint_every=2"])
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_00000002"]
     assert load_file(run / "checkpoints" / "step_00000002" / "model.safetensors")
@@ -193,7 +196,7 @@ def test_bad_inputs_give_clear_errors(phantom_dataset, tmp_path, capsys):
     assert run_train("stage1", "--data", lungs, "--out", run, *FAST, "steps=2", "--resume") == 2
     assert "differ" in capsys.readouterr().err
     with pytest.raises(MedSynError, match="mixed_precision"):
-        train_module.resolve_config(None, ["mixed_precision=fp8"])
+        resolve_config(None, ["mixed_precision=fp8"])
 
 
 def test_time_limit_checkpoints_and_stops_and_resume_continues(phantom_dataset, tmp_path, capsys):
@@ -209,7 +212,7 @@ def test_time_limit_checkpoints_and_stops_and_resume_continues(phantom_dataset, 
 
 def test_export_takes_the_output_spacing_from_the_stage2_dataset(trained_runs, tmp_path, phantom_dataset):
     index = json.loads((phantom_dataset / "dataset.json").read_text())
-    model = train_module.export([trained_runs / "stage1", trained_runs / "stage2"], tmp_path / "model")
+    model = export([trained_runs / "stage1", trained_runs / "stage2"], tmp_path / "model")
     spacing = json.loads((model / "model_index.json").read_text())["spacing_mm"]
     assert spacing == pytest.approx(index.get("spacing_mm") or [320.0 / index["size"]] * 3)
 
@@ -224,21 +227,20 @@ def test_export_refuses_runs_on_datasets_of_different_structures(trained_runs, t
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**info, "data": str(other)}))
     with pytest.raises(MedSynError, match="different structures"):
-        train_module.export([trained_runs / "stage1", run], tmp_path / "model")
+        export([trained_runs / "stage1", run], tmp_path / "model")
 
 
 def test_stage2_condition_is_the_whole_volume_degradation_cropped(phantom_dataset):
     """The slab-only degradation equals nearest x1/f then x f of the whole volume, then the crop."""
     import torch.nn.functional as F
 
-    from MedSynLib.channels import ChannelLayout
-    from MedSynLib.data import PreparedDataset
-    from MedSynLib.diffusion import DiffusionConfig
-    from MedSynLib.training_data import DiffusionSamples, sample_generator
+    from MedSynLib.data.datasets import DiffusionSamples, sample_generator
+    from MedSynLib.data.prepared import PreparedDataset
+    from MedSynLib.pipeline.channels import ChannelLayout
 
     dataset = PreparedDataset(phantom_dataset)
     layout = ChannelLayout(dataset.structures)
-    samples = DiffusionSamples(dataset, stage="stage2", layout=layout, schedule=DiffusionConfig().make_schedule(),
+    samples = DiffusionSamples(dataset, stage="stage2", layout=layout,
                                seed=5, patch=(12, 16, 16), lowres_noise_max=0.0, augmentation=None)
     for k in range(6):
         item = samples[k]
@@ -255,7 +257,7 @@ def test_stage2_condition_is_the_whole_volume_degradation_cropped(phantom_datase
 
 def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trained_runs, phantom_dataset, tmp_path,
                                                                             capsys):
-    model = train_module.export([trained_runs / "stage1", trained_runs / "stage2"], tmp_path / "model")
+    model = export([trained_runs / "stage1", trained_runs / "stage2"], tmp_path / "model")
     run = tmp_path / "finetune"
     assert run_train("stage1", "--data", phantom_dataset, "--out", run, *FAST, "steps=1", "learning_rate=0",
                      "ema_decay=0", f"init_weights={model}", 'network={"pooled_text": true}') == 0
@@ -266,8 +268,8 @@ def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trai
     out = tmp_path / "tuned"
     assert run_train("export", "--run", run, "--base", model, "--out", out) == 0
     tuned = MedSynPipeline.from_pretrained(out)
-    assert tuned.stage1_config.network.pooled_text and "from model" in tuned.config.description
-    assert all(torch.equal(v, load_file(model / "stage2" / "model.safetensors")[k]) for k, v in tuned.stage2.state_dict().items())
+    assert tuned.stage1.config.network.pooled_text and "from model" in tuned.config.description
+    assert all(torch.equal(v, load_file(model / "stage2" / "model.safetensors")[k]) for k, v in tuned.stage2.network.state_dict().items())
     # A dataset indexed before a text-encoder setting existed still matches the base model's encoder.
     older = tmp_path / "older_data"
     shutil.copytree(phantom_dataset, older)
@@ -276,7 +278,7 @@ def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trai
     (older / "dataset.json").write_text(json.dumps(index))
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**info, "data": str(older)}))
-    assert train_module.export([run], tmp_path / "tuned_again", base=model).is_dir()
+    assert export([run], tmp_path / "tuned_again", base=model).is_dir()
     capsys.readouterr()
     assert run_train("stage1", "--data", phantom_dataset, "--out", tmp_path / "wider", *FAST, "steps=1",
                      f"init_weights={model}", 'network={"dim": 16}') == 2
@@ -289,22 +291,21 @@ def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trai
 
 
 def test_timestep_range_bounds_the_training_times(phantom_dataset):
-    from MedSynLib.channels import ChannelLayout
-    from MedSynLib.data import PreparedDataset
-    from MedSynLib.diffusion import DiffusionConfig
-    from MedSynLib.training_data import DiffusionSamples
+    from MedSynLib.data.datasets import DiffusionSamples
+    from MedSynLib.data.prepared import PreparedDataset
+    from MedSynLib.pipeline.channels import ChannelLayout
 
     dataset = PreparedDataset(phantom_dataset)
     samples = DiffusionSamples(dataset, stage="stage1", layout=ChannelLayout(dataset.structures),
-                               schedule=DiffusionConfig().make_schedule(), seed=0, timestep_range=(0.4, 1.0))
+                               seed=0, timestep_range=(0.4, 1.0))
     times = [float(samples[k]["t"]) for k in range(12)]
     assert min(times) >= 0.4 and max(times) <= 1.0
     with pytest.raises(MedSynError, match="timestep_range"):
-        train_module.resolve_config(None, ["timestep_range=[0.5, 0.2]"])
+        resolve_config(None, ["timestep_range=[0.5, 0.2]"])
 
 
 def test_focus_weights_weigh_the_thin_structures_and_their_border_only():
-    from MedSynLib.diffusion import focus_weights, weighted_mse
+    from MedSynLib.diffusion.objective import focus_weights, weighted_mse
 
     x0 = -torch.ones(1, 3, 8, 8, 8)
     x0[0, 2, 4, 4, 4] = 1.0  # one voxel of the structure in channel 2

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from MedSynLib.inferers import Tiling, apply_network
-from MedSynLib.networks import UNet3D
-from MedSynLib.pipeline import DTYPES, resolve_device
-from MedSynLib.presets import stage_configs
+from MedSynLib.networks.unet import UNet3D
+from MedSynLib.pipeline.presets import stage_configs
+from MedSynLib.pipeline.sampling import DTYPES, resolve_device
+from MedSynLib.pipeline.tiling import Tiling, apply_network
 
 
 def main() -> None:

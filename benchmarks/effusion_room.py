@@ -17,7 +17,8 @@ import numpy as np
 
 from MedSynLib.anatomy import standard_masks
 from MedSynLib.evaluation.control import DEFAULT_PROMPTS
-from MedSynLib.pipeline import EMBEDDED_MODEL, MedSynPipeline
+from MedSynLib.pipeline.generation import MedSynPipeline
+from MedSynLib.pipeline.model_folder import EMBEDDED_MODEL
 
 PROMPTS = {"left effusion": DEFAULT_PROMPTS[0], "right effusion": DEFAULT_PROMPTS[1], "normal": DEFAULT_PROMPTS[5]}
 

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from MedSynLib.anatomy import LEFT_LOBES, RIGHT_LOBES
-from MedSynLib.data import PreparedDataset
-from MedSynLib.diffusion import add_noise
+from MedSynLib.data.prepared import PreparedDataset
+from MedSynLib.diffusion.schedules import add_noise
 from MedSynLib.evaluation.control import DEFAULT_PROMPTS
 from MedSynLib.evaluation.findings import asks_for
-from MedSynLib.pipeline import EMBEDDED_MODEL, MedSynPipeline, load_weights
+from MedSynLib.pipeline.generation import MedSynPipeline
+from MedSynLib.pipeline.model_folder import EMBEDDED_MODEL, load_weights
 
 PROMPTS = {"left effusion": DEFAULT_PROMPTS[0], "right effusion": DEFAULT_PROMPTS[1], "normal": DEFAULT_PROMPTS[5]}
 
@@ -39,8 +40,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=2)
     args = parser.parse_args()
     pipeline = MedSynPipeline.from_pretrained(args.model)
-    config = pipeline.stage1_config
-    network = pipeline.stage1
+    config = pipeline.stage1.config
+    network = pipeline.stage1.network
     if args.weights:
         network = type(network)(replace(config.network, pooled_text=args.pooled_text))
         load_weights(network, args.weights, source=str(args.weights))

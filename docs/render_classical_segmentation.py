@@ -6,8 +6,9 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from MedSynLib.anatomy import STRUCTURES
-from MedSynLib.segmentation import segment_classical
-from MedSynLib.testdata import read_dicom_series, real_chest_ct_dir
+from MedSynLib.data.segmentation import segment_classical
+from MedSynLib.io.dicom import read_dicom_series
+from MedSynLib.io.sample_ct import real_chest_ct_dir
 
 image = read_dicom_series(real_chest_ct_dir())
 result = segment_classical(image)

@@ -29,8 +29,7 @@ from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
 from MedSynLib.anatomy import LOBES
-
-from ..compat import zip_strict
+from MedSynLib.compat import zip_strict
 
 if TYPE_CHECKING:
     import SimpleITK as sitk

@@ -29,13 +29,14 @@ import SimpleITK as sitk
 
 from MedSynLib.anatomy import LOBES, STRUCTURES, label_map_to_masks, standard_masks
 from MedSynLib.errors import MedSynError, read_text
+from MedSynLib.geometry import Geometry
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
 @dataclass(frozen=True)
-class Case:
+class CaseFiles:
     """Where one volume and its optional anatomy and report are."""
 
     case_id: str
@@ -48,7 +49,7 @@ class Case:
 class LoadedCase:
     """A CT in HU (float32, LPS (z, y, x)), its spacing (x, y, z mm) and its masks, if any."""
 
-    case: Case
+    case: CaseFiles
     hu: np.ndarray
     spacing: tuple[float, float, float]
     image: sitk.Image  # the LPS-oriented CT, for segmenters
@@ -97,14 +98,14 @@ def _read_report(folder: Path) -> str | None:
     return report if isinstance(report, str) else None
 
 
-def _case_from_folder(folder: Path, case_id: str) -> Case | None:
+def _case_from_folder(folder: Path, case_id: str) -> CaseFiles | None:
     ct = _case_folder_ct(folder)
     if ct is None:
         return None
-    return Case(case_id, ct, _case_folder_labels(folder), _read_report(folder))
+    return CaseFiles(case_id, ct, _case_folder_labels(folder), _read_report(folder))
 
 
-def _cases_from_manifest(path: Path) -> list[Case]:
+def _cases_from_manifest(path: Path) -> list[CaseFiles]:
     base = path.parent
     text = read_text(path, "manifest")
     if path.suffix.lower() == ".csv":
@@ -128,11 +129,11 @@ def _cases_from_manifest(path: Path) -> list[Case]:
         if labels is not None and not labels.is_file():
             raise MedSynError(f"manifest {path} row {number}: labels {labels} do not exist")
         case_id = str(row.get("case_id") or _volume_stem(ct) or ct.name)
-        cases.append(Case(case_id, ct, labels, row.get("report") or None))
+        cases.append(CaseFiles(case_id, ct, labels, row.get("report") or None))
     return cases
 
 
-def discover_cases(source: str | Path, *, role: str = "input") -> list[Case]:
+def discover_cases(source: str | Path, *, role: str = "input") -> list[CaseFiles]:
     """The cases of a source (see the module docstring); MedSynError when there are none."""
     source = Path(source)
     if not source.exists():
@@ -141,7 +142,7 @@ def discover_cases(source: str | Path, *, role: str = "input") -> list[Case]:
         if source.suffix.lower() in MANIFEST_SUFFIXES:
             cases = _cases_from_manifest(source)
         elif _volume_stem(source) is not None:
-            cases = [Case(_volume_stem(source), source)]
+            cases = [CaseFiles(_volume_stem(source), source)]
         else:
             raise MedSynError(f"{role} {source} is neither a folder, a volume nor a .csv/.jsonl manifest")
     else:
@@ -163,7 +164,7 @@ def discover_cases(source: str | Path, *, role: str = "input") -> list[Case]:
                     continue
                 labels = next((source / f"{stem}.anatomy{s}" for s in VOLUME_SUFFIXES
                                if (source / f"{stem}.anatomy{s}").is_file()), None)
-                cases.append(Case(stem, child, labels))
+                cases.append(CaseFiles(stem, child, labels))
     if not cases:
         raise MedSynError(f"no volumes found in {role} {source} (expected case folders with ct.nii.gz, "
                           f"volumes such as NAME.nii.gz, a DICOM series, or a .csv/.jsonl manifest)")
@@ -176,10 +177,10 @@ def discover_cases(source: str | Path, *, role: str = "input") -> list[Case]:
 
 def _read_image(path: Path) -> sitk.Image:
     if path.is_dir():
-        from MedSynLib.testdata import read_dicom_series
+        from MedSynLib.io.dicom import read_dicom_series
 
         return read_dicom_series(path)
-    from MedSynLib.volume_io import read_image
+    from MedSynLib.io.volumes import read_image
 
     return read_image(path)
 
@@ -187,7 +188,7 @@ def _read_image(path: Path) -> sitk.Image:
 def _label_masks(path: Path, reference: sitk.Image) -> dict[str, np.ndarray]:
     """Masks of every structure in a label map (or .seg.nrrd) on the reference (LPS) grid."""
     if path.name.endswith(".seg.nrrd"):
-        from MedSynLib.volume_io import read_anatomy
+        from MedSynLib.io.volumes import read_anatomy
 
         masks, geometry = read_anatomy(path, tuple(STRUCTURES))
         labels = np.zeros(geometry.shape, dtype=np.uint8)
@@ -199,10 +200,7 @@ def _label_masks(path: Path, reference: sitk.Image) -> dict[str, np.ndarray]:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise MedSynError(f"label map {path} must be a 3D single-component image")
     image = sitk.DICOMOrient(sitk.Cast(image, sitk.sitkUInt8), "LPS")
-    same_grid = (image.GetSize() == reference.GetSize()
-                 and np.allclose(image.GetSpacing(), reference.GetSpacing(), rtol=1e-4)
-                 and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3))
-    if not same_grid:
+    if not Geometry.of_image(image).matches(Geometry.of_image(reference)):
         image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     label_map = sitk.GetArrayFromImage(image)
     try:
@@ -216,7 +214,7 @@ def has_lobes(masks: dict[str, np.ndarray] | None) -> bool:
     return bool(masks) and any(lobe in masks for lobe in LOBES)
 
 
-def load_case(case: Case) -> LoadedCase:
+def load_case(case: CaseFiles) -> LoadedCase:
     """Read a case: the CT oriented to LPS, in float32 HU, and its masks on the same grid."""
     image = _read_image(case.ct)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:

@@ -60,7 +60,7 @@ from MedSynLib.evaluation.findings import (
     detect_findings,
     requested_findings,
 )
-from MedSynLib.preview import preview_image
+from MedSynLib.io.preview import preview_image
 from MedSynLib.text_encoder import TextFeatures, check_report
 
 # Phantom-style reports: each finding asked for on its own, with the others denied.
@@ -163,13 +163,13 @@ def _summary(setting: Setting, records: list[dict], prompts: list[str]) -> dict:
 def anatomy_control(pipeline, *, samples: int, prompt: str, device="cpu", phantom_seed: int = 100_000,
                     progress: bool = True) -> dict:
     """Consistency (generated masks vs the segmented generated CT) and conditioning on phantom anatomy."""
+    from MedSynLib.data.segmentation import get_segmenter
     from MedSynLib.evaluation.anatomy_metrics import anatomy_consistency
     from MedSynLib.geometry import Geometry, fitted_grid, resample
-    from MedSynLib.phantom import make_phantom
-    from MedSynLib.segmentation import get_segmenter
+    from MedSynLib.phantoms.chest import make_phantom
 
     segmenter = get_segmenter("classical")
-    size, structures = pipeline.stage2_config.size, pipeline.config.structures
+    size, structures = pipeline.stage2.config.size, pipeline.config.structures
     free, given, volumes = [], [], []
     for i in tqdm(range(samples), desc="anatomy control", unit="pair", disable=not progress):
         result = pipeline.generate(prompt, seed=i, device=device)
@@ -200,7 +200,7 @@ def _dice_summary(rows: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- reports
-def table_markdown(text: dict | None, anatomy: dict | None) -> str:
+def control_table_markdown(text: dict | None, anatomy: dict | None) -> str:
     lines = []
     if text:
         lines += ["| setting | finding | shown when asked | shown when denied | location right |",
@@ -261,7 +261,7 @@ def write_report(out: Path, text: dict | None, anatomy: dict | None, extra: dict
     data = {**(extra or {}), "text_control": None if text is None else {k: v for k, v in text.items() if k != "examples"},
             "anatomy_control": anatomy}
     (out / "control.json").write_text(json.dumps(data, indent=1))
-    (out / "table.md").write_text(table_markdown(text, anatomy))
+    (out / "table.md").write_text(control_table_markdown(text, anatomy))
 
 
 def save_report_features(path: Path, features: dict, encoder: dict) -> None:
@@ -317,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="prompt features from --save-report-features: sample where the encoder is absent")
     args = parser.parse_args(argv)
 
-    from MedSynLib.pipeline import EMBEDDED_MODEL, MedSynPipeline, resolve_device
+    from MedSynLib.pipeline.generation import MedSynPipeline
+    from MedSynLib.pipeline.model_folder import EMBEDDED_MODEL
+    from MedSynLib.pipeline.sampling import resolve_device
 
     prompts = ([check_report(line) for line in read_text(args.prompts, "prompts file").splitlines() if line.strip()]
                if args.prompts else list(DEFAULT_PROMPTS))
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     anatomy = (anatomy_control(pipeline, samples=args.anatomy_samples, prompt=prompts[-1], device=device)
                if args.anatomy_samples else None)
     write_report(args.out, text, anatomy, {"model": str(args.model or EMBEDDED_MODEL), "device": str(device)})
-    print(table_markdown(text, anatomy))
+    print(control_table_markdown(text, anatomy))
     return 0
 
 

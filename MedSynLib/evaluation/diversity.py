@@ -26,17 +26,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from MedSynLib.hounsfield import MODEL_HU_RANGE
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 WINDOW = 7
 SIGMA = 1.5
-HU_RANGE = (-1024.0, 600.0)
 
 
 def prepare_volume(hu: np.ndarray, size: int = 96) -> np.ndarray:
     """HU -> [0, 1] on a size^3 cube (area averaging when shrinking, trilinear when growing)."""
     from MedSynLib.evaluation.features import resize_volume, window
 
-    tensor = window(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), *HU_RANGE)
+    tensor = window(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), *MODEL_HU_RANGE)
     return resize_volume(tensor, (size, size, size)).numpy().astype(np.float32)
 
 

@@ -63,9 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from MedSynLib.compat import zip_strict
 from MedSynLib.errors import MedSynError, weights_file_problem
-
-from ..compat import zip_strict
+from MedSynLib.hounsfield import MODEL_HU_RANGE
 
 # --------------------------------------------------------------------------------------
 # A 3D bottleneck ResNet whose parameter names match both torchvision-style checkpoints used
@@ -409,7 +409,7 @@ def load_med3d(path: str | Path) -> ResNet3d:
 
 def med3d_input(hu: np.ndarray, size: int = 256) -> torch.Tensor:
     """HA-GAN preprocessing: [-1024, 600] HU -> [-1, 1], blank axial slices dropped, resized to size^3."""
-    tensor = window(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), -1024.0, 600.0, -1.0, 1.0)
+    tensor = window(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), *MODEL_HU_RANGE, -1.0, 1.0)
     keep = tensor.amax(dim=(1, 2)) > -1.0
     if bool(keep.any()):
         tensor = tensor[keep]
@@ -428,7 +428,7 @@ def _med3d(argument: str | None, *, device: str = "auto", size: int = 256) -> Fe
         return model.features(med3d_input(hu, size).to(target))[0].cpu().numpy()
 
     info = {"backbone": "MedicalNet ResNet-50", "checkpoint": str(argument), "input_size": size,
-            "hu_window": [-1024, 600], "protocol": "HA-GAN"}
+            "hu_window": list(MODEL_HU_RANGE), "protocol": "HA-GAN"}
     return FeatureExtractor("med3d", 2048, extract, info=info)
 
 
@@ -503,7 +503,7 @@ def _inception(argument: str | None, *, device: str = "auto", slices: int = 16,
 # intensity: weight-free baseline
 # --------------------------------------------------------------------------------------
 
-HIST_RANGE = (-1024.0, 600.0)
+HIST_RANGE = MODEL_HU_RANGE
 
 
 @register_extractor("intensity")

@@ -43,9 +43,8 @@ import numpy as np
 from scipy import ndimage
 
 from MedSynLib.anatomy import LOBES, standard_masks
+from MedSynLib.compat import zip_strict
 from MedSynLib.evaluation.anatomy_metrics import lung_envelope
-
-from ..compat import zip_strict
 
 FINDING_KINDS = ("nodule", "effusion", "cardiomegaly")
 _CROSS = ndimage.generate_binary_structure(3, 1)
@@ -79,7 +78,7 @@ def _lungs(hu: np.ndarray, spacing, masks: dict | None) -> tuple[np.ndarray, np.
         return full.get("left_lung", empty), full.get("right_lung", empty)
     import SimpleITK as sitk
 
-    from MedSynLib.segmentation import get_segmenter
+    from MedSynLib.data.segmentation import get_segmenter
 
     image = sitk.GetImageFromArray(hu.astype(np.int16))
     image.SetSpacing(tuple(float(s) for s in spacing))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..compat import zip_strict
+from MedSynLib.compat import zip_strict
 
 COLORS = {"real": (31, 119, 180), "fake": (214, 39, 40)}
 _BACKGROUND = (255, 255, 255)

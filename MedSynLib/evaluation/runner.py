@@ -31,14 +31,15 @@ from tqdm import tqdm
 from MedSynLib.errors import MedSynError
 from MedSynLib.evaluation import plots
 from MedSynLib.evaluation.anatomy_metrics import airway_topology, anatomy_consistency, structure_volumes
-from MedSynLib.evaluation.cases import Case, discover_cases, has_lobes, load_case
+from MedSynLib.evaluation.cases import CaseFiles, discover_cases, has_lobes, load_case
 from MedSynLib.evaluation.distribution import distribution_metrics
 from MedSynLib.evaluation.diversity import nearest_real, pairwise_ms_ssim, prepare_volume
 from MedSynLib.evaluation.features import FeatureExtractor, body_crop, get_extractor
 from MedSynLib.evaluation.findings import adherence_rates, detect_findings, requested_findings
-from MedSynLib.volume_io import check_output_folder
+from MedSynLib.hounsfield import MODEL_HU_RANGE
+from MedSynLib.io.volumes import check_output_folder
 
-HIST_EDGES = np.linspace(-1024.0, 600.0, 82)  # 20 HU bins
+HIST_EDGES = np.linspace(*MODEL_HU_RANGE, 82)  # 20 HU bins
 AIRWAY_UNIT = 1e4  # Table 1 reports airway volume in units of 10^4 mm^3
 
 
@@ -91,7 +92,7 @@ def _segment(segmenter, loaded) -> dict[str, np.ndarray] | None:
         return None
 
 
-def evaluate_case(case: Case, role: str, extractor: FeatureExtractor, segmenter, options: EvaluationOptions,
+def evaluate_case(case: CaseFiles, role: str, extractor: FeatureExtractor, segmenter, options: EvaluationOptions,
                   keep_volume: list) -> CaseResult:
     """Everything measured on one volume (see the module docstring, step 2)."""
     timings = {}
@@ -193,7 +194,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def table_markdown(metrics: dict, options: EvaluationOptions) -> str:
+def paper_table_markdown(metrics: dict, options: EvaluationOptions) -> str:
     """Table 1 of the paper: Method | FID | MMD | Airway (x10^4 mm^3), a Real row first."""
     d = metrics["distribution"]
     fd, mmd = d["fd"], d["mmd2"]
@@ -279,7 +280,7 @@ def run_evaluation(real_source: str | Path, fake_source: str | Path, out: str | 
     extractor = get_extractor(options.features, device=options.device, **options.extractor_options)
     segmenter = None
     if options.segmenter:
-        from MedSynLib.segmentation import get_segmenter
+        from MedSynLib.data.segmentation import get_segmenter
 
         try:
             segmenter = get_segmenter(options.segmenter)
@@ -307,7 +308,7 @@ def run_evaluation(real_source: str | Path, fake_source: str | Path, out: str | 
     # 4. Files.
     out.mkdir(parents=True, exist_ok=True)
     metrics["plots"] = _plots(out, results["real"], results["fake"])
-    (out / "table.md").write_text(table_markdown(metrics, options), encoding="utf-8")
+    (out / "table.md").write_text(paper_table_markdown(metrics, options), encoding="utf-8")
     metrics = _jsonable(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The shipped demonstration model (MedSynLib/models/default), made from nothing on 2 CPU cores:
+# The shipped demonstration model (MedSynLib/pretrained/default), made from nothing on 2 CPU cores:
 #
 #   recipes/demo_model/make_demo_model.sh [WORK_DIR]                      # every step, into out/demo
 #   STEPS="train export" recipes/demo_model/make_demo_model.sh WORK_DIR   # some steps
@@ -70,12 +70,12 @@ for step in $STEPS; do
         --prompts "$HERE/sweep_prompts.txt" --samples "$SWEEP_SAMPLES" --guidance 1,2,4 --steps 8,16 --workers "$WORKERS"
       ;;
     install)
-      cp "$WORK"/model/model_index.json "$HERE/../../MedSynLib/models/default/"
+      cp "$WORK"/model/model_index.json "$HERE/../../MedSynLib/pretrained/default/"
       for part in stage1 stage2 text_encoder; do
-        mkdir -p "$HERE/../../MedSynLib/models/default/$part"
-        cp "$WORK/model/$part"/* "$HERE/../../MedSynLib/models/default/$part/"
+        mkdir -p "$HERE/../../MedSynLib/pretrained/default/$part"
+        cp "$WORK/model/$part"/* "$HERE/../../MedSynLib/pretrained/default/$part/"
       done
-      (cd "$HERE/../../MedSynLib/models/default" && sha256sum model_index.json ./*/*.json ./*/*.safetensors)
+      (cd "$HERE/../../MedSynLib/pretrained/default" && sha256sum model_index.json ./*/*.json ./*/*.safetensors)
       ;;
     *)
       echo "unknown step $step (data, train, export, evaluate, install)" >&2

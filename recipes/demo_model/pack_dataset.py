@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from MedSynLib.data import INDEX, PreparedDataset
+from MedSynLib.data.prepared import INDEX, PreparedDataset
 
 
 def pack(dataset: Path, archive: Path) -> None:

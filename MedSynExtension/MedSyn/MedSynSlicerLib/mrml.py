@@ -16,6 +16,7 @@ a lobe leaves no hole in it, as it would in a label map.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,23 +28,16 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from MedSynLib.anatomy import STRUCTURES, Structure, resolve_structures
+from MedSynLib.anatomy import STRUCTURES, Structure, resolve_structures, structure_for_segment_entry
 from MedSynLib.geometry import Geometry
+from MedSynLib.hounsfield import LUNG_LEVEL, LUNG_WINDOW
 
 SYNTHETIC_ATTRIBUTE = "MedSyn.Synthetic"
 REPORT_ATTRIBUTE = "MedSyn.Report"
 PARAMETERS_ATTRIBUTE = "MedSyn.Parameters"
 TERMINOLOGY_TAG = "TerminologyEntry"  # the segment tag Slicer keeps terminology in
-CT_LUNG_WINDOW = 1400.0  # Slicer's "CT-Lung" window/level preset
-CT_LUNG_LEVEL = -500.0
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
-# Slicer's terminology selector looks a type code up in the context the entry names. The
-# library names "3D Slicer General Anatomy list" for every structure, which lists the lobes and
-# lungs but not the airway or blood vessels; Slicer's DICOM master list has both under
-# "Anatomical Structure" (Modules/Loadable/Terminologies/Resources of Slicer 5.6 to 5.13).
-DICOM_MASTER_CONTEXT = "Segmentation category and type - DICOM master list"
-TERMINOLOGY_CONTEXTS: dict[str, str] = {"89187006": DICOM_MASTER_CONTEXT, "59820001": DICOM_MASTER_CONTEXT}
 
 
 class GenerationResultError(ValueError):
@@ -173,22 +167,15 @@ def volume_node_from_array(scene, array_zyx, spacing, origin, direction, name: s
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.AutoWindowLevelOff()
-    display.SetWindowLevel(CT_LUNG_WINDOW, CT_LUNG_LEVEL)
+    display.SetWindowLevel(LUNG_WINDOW, LUNG_LEVEL)
     return node
-
-
-def slicer_terminology(structure: Structure) -> dict:
-    """The structure's terminology (anatomy.py) in a context of Slicer's that lists its type code."""
-    entry = structure.terminology()
-    entry["contextName"] = TERMINOLOGY_CONTEXTS.get(structure.snomed_type[1], entry["contextName"])
-    return entry
 
 
 def terminology_string(structure: Structure) -> str:
     """The structure's terminology as Slicer stores it in the TerminologyEntry tag."""
     from slicerio.segmentation import terminology_entry_to_string  # needs slicerio, installed on first use
 
-    return terminology_entry_to_string(slicer_terminology(structure))
+    return terminology_entry_to_string(structure.terminology())
 
 
 def segmentation_node_from_masks(
@@ -249,85 +236,17 @@ def segmentation_node_from_masks(
 # Segmentation -> MedSyn anatomy (conditioning input)
 # --------------------------------------------------------------------------------------
 
-_FILLER_WORDS = frozenset({"of", "the", "lung", "lungs", "pulmonary", "structure", "segment"})
-_NAME_ALIASES: dict[str, tuple[str, ...]] = {
-    "left_upper_lobe": ("LUL",),
-    "left_lower_lobe": ("LLL",),
-    "right_upper_lobe": ("RUL",),
-    "right_middle_lobe": ("RML",),
-    "right_lower_lobe": ("RLL",),
-    "airway": (
-        "airways", "trachea bronchia", "trachea and bronchi", "trachea and bronchus", "bronchial tree", "airway tree",
-    ),
-    "vessels": ("blood vessels", "vasculature", "vessel tree"),
-}
-
-
-def _name_key(name: str) -> frozenset[str]:
-    """Words of a name, case-, separator- and plural-insensitive, filler words dropped."""
-    words = set()
-    for word in re.split(r"[^a-z0-9]+", name.lower()):
-        if not word or word in _FILLER_WORDS:
-            continue
-        if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us")):  # bronchus, not bronchu
-            word = word[:-1]
-        words.add(word)
-    return frozenset(words)
-
-
-def _structure_name_keys() -> dict[frozenset[str], str]:
-    keys: dict[frozenset[str], str] = {}
-    for structure in STRUCTURES.values():
-        for name in (structure.name, structure.display_name, *_NAME_ALIASES.get(structure.name, ())):
-            keys[_name_key(name)] = structure.name
-    return keys
-
-
-def _terminology_key(terminology: dict) -> tuple[str, str, str] | None:
-    kind = terminology.get("type")
-    if not kind or len(kind) < 2 or not kind[1]:
-        return None
-    modifier = terminology.get("typeModifier") or ["", "", ""]
-    return (kind[0], kind[1], modifier[1] if len(modifier) > 1 else "")
-
-
-# Codes other tools use for a MedSyn structure: TotalSegmentator (and Slicer's TotalSegmentator
-# terminology) tag lung_trachea_bronchia and lung_airways "Trachea and bronchus".
-_OTHER_TERMINOLOGY_KEYS: dict[tuple[str, str, str], str] = {("SCT", "110726009", ""): "airway"}
-# MedSyn's structures are in the lungs: a terminology placing one elsewhere (TotalSegmentator's
-# liver_vessels is "Blood vessel" in the liver) is another structure, whatever its name.
-_LUNG_REGION = ("SCT", "39607008")
-
-
-def _structure_terminology_keys() -> dict[tuple[str, str, str], str]:
-    return {**_OTHER_TERMINOLOGY_KEYS, **{_terminology_key(s.terminology()): s.name for s in STRUCTURES.values()}}
-
-
-def _outside_the_lungs(terminology: dict) -> bool:
-    region = terminology.get("anatomicRegion") or []
-    return len(region) > 1 and bool(region[1]) and tuple(region[:2]) != _LUNG_REGION
-
-
 def structure_for_segment(segment) -> str | None:
     """The MedSyn structure a segment stands for: by terminology first, else by name."""
     entry = vtk.mutable("")
     segment.GetTag(TERMINOLOGY_TAG, entry)
-    entry = str(entry)
+    entry, terminology = str(entry), {}
     if entry:
         from slicerio.segmentation import terminology_entry_from_string
 
-        try:
+        with contextlib.suppress(IndexError, ValueError):  # an unreadable tag: the name decides
             terminology = terminology_entry_from_string(entry)
-        except (IndexError, ValueError):
-            terminology = {}
-        if _outside_the_lungs(terminology):
-            return None
-        key = _terminology_key(terminology)
-        match = _structure_terminology_keys().get(key) if key else None
-        if match:
-            return match
-    key = _name_key(segment.GetName() or "")
-    return _structure_name_keys().get(key) if key else None
+    return structure_for_segment_entry(segment.GetName() or "", terminology)
 
 
 @dataclass(frozen=True)
@@ -339,7 +258,7 @@ class AnatomyExport:
 
     def write(self, path: str | Path) -> Path:
         """Write as the .seg.nrrd `MedSynLib.generate --anatomy` reads, with the library's own writer."""
-        from MedSynLib.volume_io import write_segmentation  # (slicerio, pillow: installed on first use)
+        from MedSynLib.io.volumes import write_segmentation  # (slicerio, pillow: installed on first use)
 
         path = Path(path)
         write_segmentation(path, self.masks, self.geometry)
@@ -510,15 +429,6 @@ def _read_metadata(path: Path) -> dict:
     return metadata
 
 
-def _same_grid(a: Geometry, b: Geometry) -> bool:
-    return (
-        tuple(a.shape) == tuple(b.shape)
-        and np.allclose(a.spacing, b.spacing, rtol=1e-4, atol=1e-4)
-        and np.allclose(a.origin, b.origin, atol=1e-3)
-        and np.allclose(a.direction, b.direction, atol=1e-4)
-    )
-
-
 def remove_nodes(scene, nodes) -> None:
     """Remove nodes and their display nodes from the scene (undo of a partial import)."""
     sh = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")  # (do not create one)
@@ -567,7 +477,7 @@ def load_generation_result(scene, out_dir: str | Path, *, show_3d: bool = True,
     ct_image = _read_image(out / "ct.nii.gz")
     masks, anatomy_geometry = _read_segmentation(out / "anatomy.seg.nrrd")
     geometry = Geometry.of_image(ct_image)
-    if not _same_grid(geometry, anatomy_geometry):
+    if not geometry.matches(anatomy_geometry):
         raise GenerationResultError("anatomy.seg.nrrd is not on the grid of ct.nii.gz")
     try:
         structures = resolve_structures(tuple(metadata["structures"]))
