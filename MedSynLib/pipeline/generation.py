@@ -209,7 +209,8 @@ class MedSynPipeline:
         x_T = torch.randn((1, layout.num_channels) + (s1.size,) * 3, generator=generator).to(device)
 
         stage1_output = text_guided_output(self.stage1.network, text_features, text_mask, guidance)
-        low = run_sampler("stage1", stage1_output, x_T, s1, steps, sampler, anatomy_low, dtype, progress)
+        low = run_sampler("stage1", stage1_output, x_T, s1, steps, sampler_name=sampler, anatomy=anatomy_low,
+                          dtype=dtype, progress=progress)
         timings["stage1_s"] = time.perf_counter() - start
 
         # 5. Stage 2: x_T at the output size, conditioned on the nearest-upsampled stage-1 volume.
@@ -218,7 +219,8 @@ class MedSynPipeline:
         condition = nearest_resize(low.clamp(-1, 1), s2.size)
         x_T = torch.randn((1, layout.num_channels) + (s2.size,) * 3, generator=generator).to(device)
         stage2_output = super_resolution_output(self.stage2.network, condition, tiling)
-        high = run_sampler("stage2", stage2_output, x_T, s2, stage2_steps, sampler, anatomy_high, dtype, progress)
+        high = run_sampler("stage2", stage2_output, x_T, s2, stage2_steps, sampler_name=sampler, anatomy=anatomy_high,
+                           dtype=dtype, progress=progress)
         timings["stage2_s"] = time.perf_counter() - start
 
         # 6. Decode: CT channel -> HU, anatomy channels -> masks.

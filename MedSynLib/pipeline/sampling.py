@@ -84,6 +84,7 @@ def run_sampler(
     x_T: torch.Tensor,
     config: StageConfig,
     steps: int,
+    *,
     sampler_name: str | None = None,
     anatomy: tuple[list[int], torch.Tensor] | None = None,
     dtype: str = "float32",
