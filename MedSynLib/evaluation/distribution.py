@@ -12,7 +12,8 @@ the usual ``scipy.linalg.sqrtm(S_r @ S_f)`` goes wrong (complex parts, NaN). For
 covariances S = A A^T with A = (X - mu)^T / sqrt(n - 1), the eigenvalues of S_r S_f are the
 squared singular values of A_r^T A_f (an n_r x n_f matrix), so tr((S_r S_f)^(1/2)) is the sum
 of those singular values: exact, real, never singular and cheap.
-`frechet_distance_from_stats` takes precomputed (mu, S) instead and uses ``sqrtm`` carefully.
+For precomputed (mu, S), MONAI's ``monai.metrics.fid.compute_frechet_distance`` does the
+``sqrtm`` form (the tests check the two agree).
 
 **MMD^2** with the Gaussian kernel k(a, b) = exp(-|a - b|^2 / (2 sigma^2)), sigma from the
 median heuristic (median pairwise distance of the pooled sets) unless given. The unbiased
@@ -26,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 
 def _as_features(features: np.ndarray, name: str, *, min_rows: int = 2) -> np.ndarray:
@@ -72,36 +72,6 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     distance = float(np.sum((mean_real - mean_fake) ** 2)) + trace_real + trace_fake - 2.0 * trace_sqrt
     return max(distance, 0.0)  # rounding can leave -1e-12 for identical sets
 
-
-def frechet_distance_from_stats(
-    mean_real: np.ndarray, cov_real: np.ndarray, mean_fake: np.ndarray, cov_fake: np.ndarray, *, eps: float = 1e-6
-) -> float:
-    """Fréchet distance from precomputed means and covariances (``scipy.linalg.sqrtm``).
-
-    A product whose square root is not finite (near-singular covariances) is retried with
-    `eps` added to both diagonals. Rounding leaves small imaginary parts in the square root
-    of a product of PSD matrices; they are dropped when below 1e-3 of the trace, otherwise
-    the covariances are not valid and a ValueError says so.
-    """
-    mean_real, mean_fake = np.atleast_1d(mean_real).astype(np.float64), np.atleast_1d(mean_fake).astype(np.float64)
-    cov_real, cov_fake = np.atleast_2d(cov_real).astype(np.float64), np.atleast_2d(cov_fake).astype(np.float64)
-    dim = mean_real.shape[0]
-    if mean_fake.shape != (dim,) or cov_real.shape != (dim, dim) or cov_fake.shape != (dim, dim):
-        raise ValueError(f"shapes do not match: means {mean_real.shape}, {mean_fake.shape}; "
-                         f"covariances {cov_real.shape}, {cov_fake.shape}")
-    root = scipy.linalg.sqrtm(cov_real @ cov_fake)
-    if not np.isfinite(root).all():
-        offset = eps * np.eye(dim)
-        root = scipy.linalg.sqrtm((cov_real + offset) @ (cov_fake + offset))
-    if np.iscomplexobj(root):
-        scale = max(abs(np.trace(cov_real)) + abs(np.trace(cov_fake)), 1e-12)
-        if np.abs(root.imag).max() > 1e-3 * scale:
-            raise ValueError(f"covariance product has a square root with imaginary part "
-                             f"{np.abs(root.imag).max():.3g}: the covariances are not positive semi-definite")
-        root = root.real
-    diff = mean_real - mean_fake
-    distance = float(diff @ diff + np.trace(cov_real) + np.trace(cov_fake) - 2.0 * np.trace(root))
-    return max(distance, 0.0)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Diversity (pairwise 3D MS-SSIM) and memorisation (nearest training volume in feature space).
 
-**3D MS-SSIM** (Wang et al. 2003, extended to volumes): volumes are mapped from HU
-[-1024, 600] to [0, 1] (data range 1, C1 = 0.01^2, C2 = 0.03^2) and compared with separable
-Gaussian windows (7 voxels, sigma 1.5) on a pyramid made by 2x average pooling. The number of
+**3D MS-SSIM** (Wang et al. 2003, extended to volumes; MONAI's `MultiScaleSSIMMetric`): volumes
+are mapped from HU [-1024, 600] to [0, 1] (data range 1, C1 = 0.01^2, C2 = 0.03^2) and compared
+with Gaussian windows (7 voxels, sigma 1.5) on a pyramid made by 2x average pooling. The number of
 scales follows the size: as many as keep the smallest side >= the window, from 1 up to 5
 (3 for 32-63 voxels, 4 for 64-111, 5 from 112 on). The standard weights (0.0448, 0.2856,
 0.3001, 0.2363, 0.1333) are cut to the scales used and renormalised. Negative contrast terms
@@ -24,7 +24,6 @@ import itertools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from MedSynLib.hounsfield import MODEL_HU_RANGE
 
@@ -50,53 +49,21 @@ def number_of_scales(shape: tuple[int, ...], window: int = WINDOW) -> int:
     return scales
 
 
-def _gaussian(window: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return (g / g.sum()).float()
-
-
-def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable 'valid' Gaussian filtering of (N, 1, D, H, W)."""
-    k = kernel.numel()
-    x = F.conv3d(x, kernel.view(1, 1, k, 1, 1))
-    x = F.conv3d(x, kernel.view(1, 1, 1, k, 1))
-    return F.conv3d(x, kernel.view(1, 1, 1, 1, k))
-
-
-def _ssim_terms(a: torch.Tensor, b: torch.Tensor, kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c1, c2 = 0.01**2, 0.03**2
-    mu_a, mu_b = _blur(a, kernel), _blur(b, kernel)
-    var_a = _blur(a * a, kernel) - mu_a**2
-    var_b = _blur(b * b, kernel) - mu_b**2
-    cov = _blur(a * b, kernel) - mu_a * mu_b
-    cs = (2 * cov + c2) / (var_a + var_b + c2)
-    luminance = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
-    dims = tuple(range(1, cs.ndim))
-    return (luminance * cs).mean(dim=dims), cs.mean(dim=dims)
-
-
 def ms_ssim_3d(a: np.ndarray, b: np.ndarray, *, scales: int | None = None) -> float:
-    """3D MS-SSIM of two volumes of the same shape with values in [0, 1]."""
+    """3D MS-SSIM of two volumes of the same shape with values in [0, 1] (MONAI's metric)."""
+    from monai.metrics import MultiScaleSSIMMetric  # imported on demand: it costs seconds
+
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"volumes must be 3D and of one shape, got {a.shape} and {b.shape}")
     scales = scales or number_of_scales(a.shape)
     if min(a.shape) // (2 ** (scales - 1)) < WINDOW:
         raise ValueError(f"{scales} scales need a side of at least {WINDOW * 2 ** (scales - 1)}, got {a.shape}")
-    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=torch.float64)
-    weights = weights / weights.sum()
-    kernel = _gaussian(WINDOW, SIGMA)
-    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
-    y = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))[None, None]
-    values = []
+    weights = np.array(MS_SSIM_WEIGHTS[:scales]) / sum(MS_SSIM_WEIGHTS[:scales])
+    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=WINDOW, kernel_sigma=SIGMA,
+                                  weights=tuple(weights.tolist()))
+    x, y = (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None, None] for v in (a, b))
     with torch.inference_mode():
-        for level in range(scales):
-            ssim, cs = _ssim_terms(x, y, kernel)
-            values.append(ssim if level == scales - 1 else cs)
-            if level < scales - 1:
-                x, y = F.avg_pool3d(x, 2), F.avg_pool3d(y, 2)
-    terms = torch.stack(values).double().clamp(min=0.0)[:, 0]
-    return float(torch.prod(terms**weights))
+        return float(metric(x, y))
 
 
 def pairwise_ms_ssim(volumes: list[np.ndarray], *, max_pairs: int = 200, seed: int = 0) -> dict:
