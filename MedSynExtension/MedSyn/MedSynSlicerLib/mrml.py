@@ -82,32 +82,20 @@ def geometry_of_volume_node(volume_node) -> Geometry:
         raise ValueError(f"volume {volume_node.GetName()!r} has no image data")
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return geometry_from_ijk_to_ras(_array_of_vtk_matrix(matrix), tuple(image.GetDimensions())[::-1])
+    return geometry_from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(matrix), tuple(image.GetDimensions())[::-1])
 
 
 def _geometry_of_oriented_image(image) -> Geometry:
     """Grid of a vtkOrientedImageData, re-based so that its first voxel is index (0, 0, 0)."""
     matrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(matrix)
-    matrix = _array_of_vtk_matrix(matrix)
+    matrix = slicer.util.arrayFromVTKMatrix(matrix)
     extent = image.GetExtent()
     shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     if min(shape) < 1:
         raise ValueError("empty image extent")
     matrix[:3, 3] = (matrix @ np.array([extent[0], extent[2], extent[4], 1.0]))[:3]
     return geometry_from_ijk_to_ras(matrix, shape)
-
-
-def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for row in range(4):
-        for column in range(4):
-            matrix.SetElement(row, column, float(array[row, column]))
-    return matrix
-
-
-def _array_of_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 def _fill_image(image, array_zyx: np.ndarray) -> None:
@@ -135,7 +123,7 @@ def _array_of_image(image) -> np.ndarray:
 def _oriented_image(array_zyx: np.ndarray, geometry: Geometry):
     image = slicer.vtkOrientedImageData()
     _fill_image(image, array_zyx)
-    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras(geometry)))
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(geometry)))
     return image
 
 
@@ -160,7 +148,7 @@ def volume_node_from_array(scene, array_zyx, spacing, origin, direction, name: s
 
     node = slicer.vtkMRMLScalarVolumeNode()
     node.SetName(scene.GenerateUniqueName(name))
-    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(geometry)))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(geometry)))
     node.SetAndObserveImageData(image)
     node.SetAttribute(SYNTHETIC_ATTRIBUTE, "true")
     scene.AddNode(node)
