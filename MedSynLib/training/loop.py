@@ -136,6 +136,38 @@ def preview(stage: str, ema: UNet3D, stage_cfg: StageConfig, dataset: PreparedDa
     return preview_image(ct.numpy(), {n: m.numpy() for n, m in masks.items()})
 
 
+def open_run(run: Path, stage: str, stage_cfg: StageConfig, config: TrainConfig, data: Path, *, resume: bool,
+             world: int, is_main: bool) -> None:
+    """Create the run folder, or check that the one there is this run (same stage and network) and
+    that resuming it was asked for; record the settings in run.json (the main process, after all
+    have checked)."""
+    run.mkdir(parents=True, exist_ok=True)
+    saved = run / "run.json"
+    if saved.is_file():
+        previous = read_json(saved)
+        if previous.get("stage") != stage:
+            raise MedSynError(f"{run} holds a {previous.get('stage')} run, not {stage}")
+        if not resume:
+            raise MedSynError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
+        if previous["stage_config"] != json.loads(json.dumps(config_to_dict(stage_cfg))):
+            raise MedSynError(f"the network or data of {run} differ from this command's; cannot resume")
+    if world > 1:  # every process has looked before the main one writes: none may find this run's own run.json
+        dist.barrier()
+    if is_main:
+        write_json(saved, {"stage": stage, "data": str(data.resolve()), "train": config_to_dict(config),
+                           "stage_config": config_to_dict(stage_cfg), "world_size": world})
+
+
+def validation_report_features(dataset: PreparedDataset, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text features stage-1 previews are sampled with: `validation_report`, else the first case's."""
+    if config.validation_report:
+        encoder = ReportEncoder(config_from_dict(TextEncoderConfig, dataset.index["text_encoder"]))
+        features = encoder.encode([config.validation_report])
+        return features.features, features.mask
+    case = dataset.load(0, low_only=True)
+    return torch.from_numpy(case.text_features.astype(np.float32))[None], torch.from_numpy(case.text_mask)[None]
+
+
 def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: bool) -> Path:
     rank, world, device = setup_distributed(config.device)
     is_main = rank == 0
@@ -155,19 +187,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
     model = UNet3D(stage_cfg.network)
     if config.init_weights:  # before anything is written: a wrong model folder leaves no run behind
         start_from_model(model, stage, Path(config.init_weights))
-    run.mkdir(parents=True, exist_ok=True)
-    saved = run / "run.json"
-    if saved.is_file():
-        previous = read_json(saved)
-        if previous.get("stage") != stage:
-            raise MedSynError(f"{run} holds a {previous.get('stage')} run, not {stage}")
-        if not resume:
-            raise MedSynError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
-        if previous["stage_config"] != json.loads(json.dumps(config_to_dict(stage_cfg))):
-            raise MedSynError(f"the network or data of {run} differ from this command's; cannot resume")
-    if is_main:
-        write_json(saved, {"stage": stage, "data": str(data.resolve()), "train": config_to_dict(config),
-                           "stage_config": config_to_dict(stage_cfg), "world_size": world})
+    open_run(run, stage, stage_cfg, config, data, resume=resume, world=world, is_main=is_main)
 
     # Model, EMA copy, optimizer, gradient scaler: set once, up front.
     ema = UNet3D(stage_cfg.network).requires_grad_(False)
@@ -204,16 +224,8 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
                                          pin_memory=device.type == "cuda")
     batches = iter(loader)
     logger = Logger(run, is_main)
-    validation_text = None
-    if is_main and config.sample_every and stage == "stage1":
-        if config.validation_report:
-            encoder = ReportEncoder(config_from_dict(TextEncoderConfig, dataset.index["text_encoder"]))
-            features = encoder.encode([config.validation_report])
-            validation_text = (features.features, features.mask)
-        else:
-            case = dataset.load(0, low_only=True)
-            validation_text = (torch.from_numpy(case.text_features.astype(np.float32))[None],
-                               torch.from_numpy(case.text_mask)[None])
+    previews = is_main and config.sample_every and stage == "stage1"
+    validation_text = validation_report_features(dataset, config) if previews else None
 
     bar = tqdm(total=config.steps, initial=start, desc=stage, unit="step", disable=not is_main)
     last_saved, window_start = start, time.perf_counter()
@@ -241,12 +253,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
         if not math.isfinite(total_loss):
             raise MedSynError(f"the loss became {total_loss} at step {step}; training stopped. "
                               f"The last good checkpoint is step {last_saved} in {run / 'checkpoints'}")
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, config.ema_decay if step + 1 >= config.ema_start else 0.0)
+        grad_norm = optimizer_step(model, ema, optimizer, scaler, config, step)
 
         done = step + 1
         bar.update(1)
@@ -279,6 +286,17 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
         check_replicas(model, run, is_main)
         dist.destroy_process_group()
     return run
+
+
+def optimizer_step(model: UNet3D, ema: UNet3D, optimizer, scaler, config: TrainConfig, step: int) -> float:
+    """Clip, step, zero the gradients and update the EMA (a copy until ema_start); the gradient norm."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    update_ema(ema, model, config.ema_decay if step + 1 >= config.ema_start else 0.0)
+    return grad_norm
 
 
 def next_batch(batches) -> dict[str, torch.Tensor]:
