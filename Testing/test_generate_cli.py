@@ -64,6 +64,35 @@ def test_segmentation_round_trips_through_slicerio(result_dir, tiny_pipeline):
     assert np.array_equal(airway & (label_map != STRUCTURES["vessels"].label), label_map == STRUCTURES["airway"].label)
 
 
+def test_segmentation_names_a_terminology_context_that_lists_each_code(result_dir):
+    """Slicer looks a type code up in the context an entry names: the General Anatomy list has the
+    lobes and lungs, not the airway (89187006) or blood vessels (59820001), which the DICOM master list has."""
+    segmentation = slicerio.read_segmentation(str(result_dir / "anatomy.seg.nrrd"))
+    contexts = {s["terminology"]["type"][1]: s["terminology"]["contextName"] for s in segmentation["segments"]}
+    master, general = "Segmentation category and type - DICOM master list", \
+        "Segmentation category and type - 3D Slicer General Anatomy list"
+    assert contexts.pop("89187006") == master and contexts.pop("59820001") == master
+    assert set(contexts.values()) == {general}
+
+
+def test_a_segmentation_conditions_with_its_overlaps_kept(tmp_path):
+    """A vessel drawn inside a lobe stays in the lobe: the .seg.nrrd is read as whole masks, not
+    flattened into a label map where the vessel would cut a hole in the lobe."""
+    from MedSynLib.geometry import Geometry
+    from MedSynLib.io.volumes import read_anatomy, write_segmentation
+
+    lobe = np.zeros((8, 8, 8), dtype=bool)
+    lobe[1:7, 1:7, 1:4] = True
+    vessels = np.zeros_like(lobe)
+    vessels[3:5, 3:5, 2:6] = True  # half inside the lobe
+    path = tmp_path / "given.seg.nrrd"
+    write_segmentation(path, {"left_upper_lobe": lobe, "vessels": vessels}, Geometry((8, 8, 8), (2.0, 2.0, 2.0)))
+    masks, geometry = read_anatomy(path, ("left_upper_lobe", "vessels", "left_lung"))
+    assert np.array_equal(masks["left_upper_lobe"], lobe) and np.array_equal(masks["vessels"], vessels)
+    assert np.array_equal(masks["left_lung"], lobe)  # a lung-level model gets the union of its lobes
+    assert geometry.matches(Geometry((8, 8, 8), (2.0, 2.0, 2.0)))
+
+
 def test_anatomy_file_conditions_the_result_on_its_grid(result_dir, tmp_path, tiny_model_dir):
     # Use a previous result's label map, on a coarser grid of its own: it must come back on that grid.
     labels = sitk.ReadImage(str(result_dir / "anatomy.nii.gz"))
