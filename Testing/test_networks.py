@@ -109,6 +109,27 @@ def test_pooled_text_starts_as_a_no_op_and_then_carries_the_report(stage1):
         UNet3DConfig(in_channels=8, out_channels=8, pooled_text=True)
 
 
+def test_a_residual_stage_2_starts_as_the_condition_and_learns_a_correction():
+    """The untrained residual network returns the upsampled volume itself (at its densities); once
+    its last layer is trained it adds a correction; it refuses what it cannot be."""
+    _, stage2 = stage_configs("tiny", channels=CHANNELS, text_dim=TEXT_DIM)
+    network = UNet3D(replace(stage2.network, residual=True)).eval()
+    x, t, cond = torch.randn(1, CHANNELS, 16, 16, 16), torch.rand(1), torch.rand(1, CHANNELS, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(network(x, t, cond=cond), cond)
+        torch.nn.init.normal_(network.final_conv.weight, std=0.1)
+        corrected = network(x, t, cond=cond)
+        plain = UNet3D(stage2.network).eval()
+        plain.load_state_dict(network.state_dict())
+        assert torch.allclose(corrected, plain(x, t, cond=cond) + cond, atol=1e-6)
+    assert not torch.allclose(corrected, cond, atol=1e-3)
+    with pytest.raises(ValueError, match="residual needs a condition"):
+        UNet3DConfig(in_channels=8, out_channels=8, residual=True)
+    with pytest.raises(ValueError, match="residual network predicts x0"):
+        replace(stage2, network=replace(stage2.network, residual=True),
+                diffusion=replace(stage2.diffusion, prediction_type="epsilon"))
+
+
 def test_gradient_checkpointing_gives_same_values_and_gradients(stage1):
     x, t = torch.randn(1, CHANNELS, 16, 16, 16), torch.rand(1)
     text, mask = _text()

@@ -59,6 +59,10 @@ class UNet3DConfig:
     norm_groups: int = 8
     time_scale: float = 1000.0  # the network sees t * time_scale, t in [0, 1]
     pooled_text: bool = False  # stage 1: also add the mean report token to the time embedding
+    # stage 2: the output is the condition plus a learned correction (x0 prediction only). The
+    # correction starts at zero, so an untrained network already gives the upsampled volume at its
+    # densities, and training only has to learn the detail the low resolution lacks.
+    residual: bool = False
 
     def __post_init__(self) -> None:
         check_settings(self, NETWORK_LIMITS)
@@ -72,6 +76,8 @@ class UNet3DConfig:
             raise ValueError("init_kernel must be odd")
         if self.pooled_text and not self.text_dim:
             raise ValueError("pooled_text needs text_dim (a text-conditioned stage-1 network)")
+        if self.residual and self.cond_channels != self.out_channels:
+            raise ValueError("residual needs a condition of out_channels channels (a stage-2 network)")
 
     @property
     def spatial_divisor(self) -> int:
@@ -234,6 +240,9 @@ class UNet3D(nn.Module):
         )
         self.final_res = ResBlock(2 * dim, dim, time_dim=time_dim, kernel=(3, 3, 3), groups=groups)
         self.final_conv = nn.Conv3d(dim, config.out_channels, 1)
+        if config.residual:
+            nn.init.zeros_(self.final_conv.weight)
+            nn.init.zeros_(self.final_conv.bias)
 
     def _run(self, module: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -288,7 +297,8 @@ class UNet3D(nn.Module):
         for level in self.up:
             x, _ = self._run(level, torch.cat([x, skips.pop()], dim=1), time_emb)
         x = self.final_res(torch.cat([x, init_features], dim=1), time_emb)
-        return self.final_conv(x)
+        out = self.final_conv(x)
+        return out + cond.to(out.dtype) if self.config.residual else out
 
     def _check_input(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
         config = self.config

@@ -51,6 +51,9 @@ class StageConfig:
             raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
         if not isinstance(self.network, ARCHITECTURES[self.architecture][0]):
             raise ValueError(f"the {self.architecture!r} architecture needs a {ARCHITECTURES[self.architecture][0].__name__}")
+        if getattr(self.network, "residual", False) and self.diffusion.prediction_type != "x0":
+            raise ValueError("a residual network predicts x0 (the condition plus a correction); "
+                             f"prediction_type is {self.diffusion.prediction_type!r}")
 
     def build_network(self) -> UNet3D | ReferenceUNet3D:
         return ARCHITECTURES[self.architecture][1](self.network)
