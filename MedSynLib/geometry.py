@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # SimpleITK is imported where images are made: training and s
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # The field of view a generated volume spans when nothing gives it one: the reference's volumes
 # were registered to an atlas and resized to 256^3 without a physical spacing; MedSyn places them
-# on 1.25 mm voxels (convert.py), and every smaller model on the same 320 mm cube.
+# on 1.25 mm voxels (pipeline/convert.py), and every smaller model on the same 320 mm cube.
 NOMINAL_FIELD_OF_VIEW_MM = 320.0
 # Two grids are the same when they differ by less than float round-off of what files store.
 SPACING_TOLERANCE = 1e-4  # relative and absolute (mm)
