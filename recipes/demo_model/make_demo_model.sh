@@ -13,7 +13,8 @@
 # SWEEP_SAMPLES, ANATOMY_SAMPLES set how many volumes per prompt and setting),
 # install (copy into the package and print the checksums for the model card).
 # TIME_LIMIT (minutes, default 0 = none) stops both trainings with a checkpoint; TRAIN_ARGS adds
-# key=value settings to both stages, e.g. TRAIN_ARGS="steps=2000".
+# key=value settings to both stages, e.g. TRAIN_ARGS="steps=2000"; STAGE1_ARGS and STAGE2_ARGS to
+# one, e.g. STAGE2_ARGS='network={"residual":true}' (settings are split at spaces).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 WORK=${1:-out/demo}
@@ -30,9 +31,10 @@ SWEEP_SAMPLES=${SWEEP_SAMPLES:-4}
 ANATOMY_SAMPLES=${ANATOMY_SAMPLES:-8}
 
 train() {  # stage dataset threads
+  local own="${1^^}_ARGS"  # STAGE1_ARGS or STAGE2_ARGS
   # shellcheck disable=SC2086
   OMP_NUM_THREADS=$3 "$PYTHON" -m MedSynLib.train "$1" --data "$WORK/$2" --out "$WORK/runs/$1" \
-    --config "$HERE/$1.json" --resume time_limit_minutes="$TIME_LIMIT" $TRAIN_ARGS
+    --config "$HERE/$1.json" --resume time_limit_minutes="$TIME_LIMIT" $TRAIN_ARGS ${!own:-}
 }
 
 for step in $STEPS; do
