@@ -270,6 +270,31 @@ def test_stage2_condition_is_the_whole_volume_degradation_cropped(phantom_datase
         torch.testing.assert_close(item["x0"], full[crop])
 
 
+@pytest.mark.parametrize("mode", ["shrink", "additive"])
+def test_the_condition_noise_shrinks_the_condition_only_as_the_reference_does(phantom_dataset, mode):
+    """"shrink" (the reference's) is (1 - a) x + a N(0, 1): the condition comes scaled toward 0;
+    "additive" is x + a N(0, 1): its densities are kept, only noise is added."""
+    from MedSynLib.data.datasets import DiffusionSamples
+    from MedSynLib.data.prepared import PreparedDataset
+    from MedSynLib.pipeline.channels import ChannelLayout
+
+    dataset = PreparedDataset(phantom_dataset)
+    kwargs = {"stage": "stage2", "layout": ChannelLayout(dataset.structures), "seed": 3, "patch": (16, 32, 32),
+              "augmentation": None}
+    clean = DiffusionSamples(dataset, lowres_noise_max=0.0, **kwargs)
+    noised = DiffusionSamples(dataset, lowres_noise_max=0.8, lowres_noise=mode, **kwargs)
+    ratios = []
+    for k in range(8):
+        x, y = clean[k]["cond"][0].flatten(), noised[k]["cond"][0].flatten()  # the CT channel
+        ratios.append(float((x * y).sum() / (x * x).sum()))  # least-squares scale of y on x: noise averages out
+    if mode == "additive":
+        assert np.mean(ratios) == pytest.approx(1.0, abs=0.05)
+    else:
+        assert np.mean(ratios) < 0.8  # E[1 - a] = 0.6 for a ~ U[0, 0.8)
+    with pytest.raises(MedSynError, match="lowres_noise must be one of shrink, additive"):
+        resolve_config(None, ["lowres_noise=multiplicative"])
+
+
 def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trained_runs, phantom_dataset, tmp_path,
                                                                             capsys):
     model = export([trained_runs / "stage1", trained_runs / "stage2"], tmp_path / "model")

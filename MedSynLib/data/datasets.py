@@ -64,9 +64,10 @@ class DiffusionSamples(torch.utils.data.Dataset):
 
     def __init__(self, dataset: PreparedDataset, *, stage: str, layout: ChannelLayout,
                  seed: int, cfg_drop: float = 0.1, timestep_range: tuple[float, float] = (0.0, 1.0), patch: tuple[int, int, int] = (64, 72, 72),
-                 lowres_noise_max: float = 0.4, augmentation: Augmentation | None = None):
+                 lowres_noise_max: float = 0.4, lowres_noise: str = "shrink", augmentation: Augmentation | None = None):
         self.dataset, self.stage, self.layout = dataset, stage, layout
         self.seed, self.cfg_drop, self.patch, self.lowres_noise_max = seed, cfg_drop, patch, lowres_noise_max
+        self.lowres_noise = lowres_noise
         self.augmentation = augmentation
         self.timestep_range = timestep_range
 
@@ -120,7 +121,8 @@ class DiffusionSamples(torch.utils.data.Dataset):
         y0, x0 = (int(torch.randint(0, size - p + 1, (1,), generator=generator)) for p in (h, w))
         target, condition = both[:, :, y0 : y0 + h, x0 : x0 + w].split(channels)
         a = self.lowres_noise_max * torch.rand(1, generator=generator).item()
-        condition = (1 - a) * condition + a * torch.randn(condition.shape, generator=generator)
+        kept = 1.0 if self.lowres_noise == "additive" else 1 - a  # TrainConfig.lowres_noise
+        condition = kept * condition + a * torch.randn(condition.shape, generator=generator)
         return target.contiguous(), condition.contiguous()
 
 

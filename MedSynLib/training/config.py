@@ -34,6 +34,7 @@ from MedSynLib.pipeline.presets import stage_configs
 from MedSynLib.text_encoder import check_report
 
 STAGES = ("stage1", "stage2")
+LOWRES_NOISE = ("shrink", "additive")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ class TrainConfig:
     num_workers: int = 2
     patch: tuple[int, int, int] = (64, 72, 72)  # stage 2: slices x height x width
     lowres_noise_max: float = 0.4
+    # How the stage-2 condition is noised, a ~ U[0, lowres_noise_max): "shrink" is the reference's
+    # (1 - a) x + a N(0, 1), which also scales the condition by (1 - a), a shift the network learns to
+    # undo and then applies to the clean condition it gets at generation; "additive", x + a N(0, 1),
+    # keeps the condition's densities.
+    lowres_noise: str = "shrink"
     focus_weight: float = 0.0  # > 0: loss weight 1 + focus_weight near focus_structures (thin ones)
     focus_structures: tuple[str, ...] = ("airway", "vessels")
     augment: bool = True
@@ -82,6 +88,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_settings(self, TRAIN_LIMITS)
         for name, choices in (("mixed_precision", ("no", "bf16", "fp16")), ("lr_decay", ("constant", "cosine")),
+                              ("lowres_noise", LOWRES_NOISE),
                               ("schedule", tuple(SCHEDULES)), ("prediction_type", PREDICTION_TYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

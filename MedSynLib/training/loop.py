@@ -214,7 +214,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
     samples = DiffusionSamples(
         dataset, stage=stage, layout=layout, seed=config.seed,
         cfg_drop=config.cfg_drop, timestep_range=config.timestep_range, patch=config.patch,
-        lowres_noise_max=config.lowres_noise_max,
+        lowres_noise_max=config.lowres_noise_max, lowres_noise=config.lowres_noise,
         augmentation=Augmentation(config.zoom, config.rotate_degrees) if config.augment else None,
     )
     sampler = StreamSampler(start_step=start, accumulation=config.grad_accumulation, world=world, rank=rank,
