@@ -231,3 +231,18 @@ def test_module_runs_as_a_command_and_reports_errors_without_traceback(tiny_mode
     done = subprocess.run(command + ["--report", ""], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "medsyn: error: the report is empty"
+
+
+def test_the_medsyn_command_runs_each_tool_and_lists_them(tmp_path, capsys):
+    """`medsyn COMMAND ...` (the console script) reaches the same mains as `python -m MedSynLib.COMMAND`."""
+    from MedSynLib.cli import COMMANDS
+    from MedSynLib.cli import main as medsyn
+
+    assert medsyn(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in COMMANDS)
+    assert medsyn(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
+    assert medsyn(["init_model", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert medsyn(["generate", "--out", str(tmp_path / "x")]) == 2  # a report is required: one line, exit 2
+    assert "medsyn: error:" in capsys.readouterr().err
