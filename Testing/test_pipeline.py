@@ -11,7 +11,7 @@ import torch
 from MedSynLib.errors import MedSynError
 from MedSynLib.pipeline.generation import MedSynPipeline
 from MedSynLib.pipeline.sampling import resolve_device
-from MedSynLib.pipeline.tiling import Tiling, apply_network
+from MedSynLib.pipeline.tiling import DEFAULT_TILING, Tiling, apply_network, automatic_tiling
 
 REPORT = "Small left pleural effusion. No nodules."
 
@@ -120,6 +120,20 @@ def test_tiled_stage2_agrees_with_the_whole_volume(tiny_pipeline):
     error = (tiled - whole).abs()
     assert error.mean() < 0.1 * whole.std()
     assert error[:, :, 8:-8].mean() <= error.mean() * 1.5
+
+
+def test_automatic_tiling_tiles_only_a_pass_that_would_not_fit():
+    gib = 2**30
+    # The paper preset's stage 2 (dim 56) at 256^3 does not fit in 24 GiB whole; the demo's (dim 8) at 128^3 does.
+    assert automatic_tiling(56, 256, 24 * gib) == DEFAULT_TILING
+    assert automatic_tiling(8, 128, 24 * gib) is None
+    assert automatic_tiling(8, 128, gib // 2) == DEFAULT_TILING
+    assert automatic_tiling(56, 64, gib // 100) is None  # one tile would be the whole volume
+    assert automatic_tiling(56, 256, None) is None  # memory unknown: the user decides with --tile
+
+
+def test_the_pipeline_picks_tiling_from_its_stage2_network(tiny_pipeline):
+    assert tiny_pipeline.automatic_tiling("cpu") is None  # 32^3 is smaller than one tile
 
 
 def test_loading_errors_are_one_line_medsyn_errors(tiny_model_dir, tmp_path):

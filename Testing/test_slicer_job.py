@@ -26,7 +26,7 @@ from MedSynSlicerLib.job import EventKind, GenerationJob, GenerationRequest, Job
 # ---------------------------------------------------------------------------------------
 
 
-def test_command_with_defaults_leaves_model_steps_guidance_to_the_library():
+def test_command_with_defaults_leaves_model_steps_guidance_to_the_library_and_runs_stage2_whole():
     request = GenerationRequest("Emphysema.", seed=42)
     command = job.build_command("/opt/Slicer/bin/PythonSlicer", request, "/w/report.txt", "/w/result")
     assert command == [
@@ -36,6 +36,7 @@ def test_command_with_defaults_leaves_model_steps_guidance_to_the_library():
         "--seed", "42",
         "--device", "auto",
         "--progress", "jsonl",
+        job.TILE_OPTION, "whole",  # tile size 0; MONAI is installed only when tiles are asked for
     ]  # fmt: skip
 
 
@@ -56,7 +57,7 @@ def test_command_with_every_option():
         "--steps": "25",
         "--guidance": "4.5",
         "--anatomy": "/w/a.nii.gz",
-        job.TILE_OPTION: "64",
+        job.TILE_OPTION: "64x64x64",
     }
 
 

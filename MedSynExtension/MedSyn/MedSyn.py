@@ -92,7 +92,7 @@ volume, segmentation = MedSyn.MedSynLogic().generate(
     "Severe emphysema in both upper lobes.", seed=42, steps=50, device="auto")
 </pre>
 <p>Parameters: <i>model</i> (folder; empty = embedded default), <i>steps</i> and <i>guidance</i>
-(None = the model's defaults), <i>tileSize</i> (stage-2 slabs of that many slices; 0 = whole
+(None = the model's defaults), <i>tileSize</i> (stage-2 tiles of that many voxels a side; 0 = whole
 volume), <i>conditioningSegmentation</i> (a segmentation node whose segments are matched to
 MedSyn structures by terminology or name).</p>
 """)
@@ -119,7 +119,7 @@ class MedSynParameterNode:
     steps - stage-1 sampling steps; 0 for the model's default.
     guidanceScale - classifier-free guidance scale; 0 for the model's default.
     device - "auto", "cpu" or "cuda".
-    tileSize - stage-2 slab thickness in slices, bounding memory; 0 for the whole volume at once.
+    tileSize - stage-2 tiles of tileSize^3 voxels, bounding memory; 0 for the whole volume at once.
     conditioningSegmentation - optional anatomy to generate the CT for.
     """
 

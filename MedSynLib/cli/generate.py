@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the result is returned on its grid")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--tile", default=None,
-                        help="run stage 2 in tiles: 64 (slabs of 64 slices) or DxHxW, optional :overlap")
+    parser.add_argument("--tile", default="auto",
+                        help="stage 2 in tiles: auto (64^3 tiles when the whole volume would not fit in memory), "
+                             "whole, 64 (slabs of 64 slices) or DxHxW, optional :overlap")
     parser.add_argument("--progress", choices=["bar", "jsonl", "none"], default="bar",
                         help="progress bars (bar), JSON lines on stdout for other programs (jsonl), or nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     check_report(report)
     check_output_folder(args.out, overwrite=args.overwrite)
     try:
-        tiling = Tiling.parse(args.tile) if args.tile else None
+        tiling = Tiling.parse(args.tile) if args.tile not in ("auto", "whole") else None
     except ValueError as error:
         raise MedSynError(str(error)) from error
 
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None and not EMBEDDED_MODEL.is_dir():
         raise MedSynError("no embedded model is installed; pass --model (make one: python -m MedSynLib.init_model)")
     pipeline = MedSynPipeline.from_pretrained(model_dir)
+    if args.tile == "auto":
+        tiling = pipeline.automatic_tiling(device)
 
     anatomy, grid, given_geometry = None, None, None
     if args.anatomy is not None:

@@ -61,6 +61,7 @@ from MedSynLib.evaluation.findings import (
     requested_findings,
 )
 from MedSynLib.io.preview import preview_image
+from MedSynLib.pipeline.sampling import DTYPES
 from MedSynLib.text_encoder import TextFeatures, check_report
 
 # Phantom-style reports: each finding asked for on its own, with the others denied.
@@ -114,7 +115,7 @@ class _Inline(Executor):
 
 
 def text_control(pipeline, prompts: Iterable[str], settings: list[Setting], *, samples: int, device="cpu",
-                 report_features: dict | None = None, workers: int = 1, progress: bool = True) -> dict:
+                 dtype: str = "float32", report_features: dict | None = None, workers: int = 1, progress: bool = True) -> dict:
     """Generate and detect; returns per-setting rates, per-prompt rates and every sample's record.
 
     report_features: prompt -> TextFeatures, encoded beforehand (for machines without the encoder).
@@ -132,7 +133,7 @@ def text_control(pipeline, prompts: Iterable[str], settings: list[Setting], *, s
         for setting, prompt in product(settings, prompts):
             for seed in range(samples):
                 result = pipeline.generate(prompt, seed=seed, guidance=setting.guidance, steps=setting.steps,
-                                           device=device, report_features=features[prompt])
+                                           device=device, dtype=dtype, report_features=features[prompt])
                 if setting == settings[0] and seed == 0:
                     examples[prompt] = preview_image(result.ct_hu, result.masks)
                 detection = pool.submit(_detect, result.ct_hu, result.geometry.spacing, result.masks)
@@ -160,7 +161,7 @@ def _summary(setting: Setting, records: list[dict], prompts: list[str]) -> dict:
             "rates": adherence_rates(pairs(records)), "detected_rate_per_prompt": per_prompt}
 
 
-def anatomy_control(pipeline, *, samples: int, prompt: str, device="cpu", phantom_seed: int = 100_000,
+def anatomy_control(pipeline, *, samples: int, prompt: str, device="cpu", dtype: str = "float32", phantom_seed: int = 100_000,
                     progress: bool = True) -> dict:
     """Consistency (generated masks vs the segmented generated CT) and conditioning on phantom anatomy."""
     from MedSynLib.data.segmentation import get_segmenter
@@ -172,7 +173,7 @@ def anatomy_control(pipeline, *, samples: int, prompt: str, device="cpu", phanto
     size, structures = pipeline.stage2.config.size, pipeline.config.structures
     free, given, volumes = [], [], []
     for i in tqdm(range(samples), desc="anatomy control", unit="pair", disable=not progress):
-        result = pipeline.generate(prompt, seed=i, device=device)
+        result = pipeline.generate(prompt, seed=i, device=device, dtype=dtype)
         masks = standard_masks(result.masks)
         free.append(anatomy_consistency(result.geometry.image(result.ct_hu), masks, segmenter))
         voxel_ml = float(np.prod(result.geometry.spacing)) / 1000
@@ -182,7 +183,7 @@ def anatomy_control(pipeline, *, samples: int, prompt: str, device="cpu", phanto
         grid = fitted_grid(source, size)
         anatomy = {n: resample(phantom.masks[n].astype(np.uint8), source, grid, labels=True).astype(bool)
                    for n in structures}
-        result = pipeline.generate(prompt, seed=i, device=device, anatomy=anatomy, geometry=grid)
+        result = pipeline.generate(prompt, seed=i, device=device, dtype=dtype, anatomy=anatomy, geometry=grid)
         given.append(anatomy_consistency(result.geometry.image(result.ct_hu), standard_masks(anatomy), segmenter))
     # Dice is 1 when both masks are empty: the generated volumes say whether a structure was drawn at all.
     return {"samples": samples, "prompt": prompt,
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated stage-1 step counts, or 'default'")
     parser.add_argument("--anatomy-samples", type=SAMPLES, default=0, help="volume pairs for anatomy control (0: skip)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="network arithmetic, as generate's")
     parser.add_argument("--workers", type=WORKERS, default=1, help="processes running the finding detectors")
     parser.add_argument("--save-report-features", type=OUTPUT_FILE, metavar="FILE",
                         help="encode the prompts into FILE (safetensors) and stop")
@@ -331,11 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     features = load_report_features(args.report_features, prompts, encoder) if args.report_features else None
     device = resolve_device(args.device)
     settings = settings_grid(args.guidance, args.steps)
-    text = text_control(pipeline, prompts, settings, samples=args.samples, device=device, workers=args.workers,
-                        report_features=features) if args.samples else None
-    anatomy = (anatomy_control(pipeline, samples=args.anatomy_samples, prompt=prompts[-1], device=device)
+    text = text_control(pipeline, prompts, settings, samples=args.samples, device=device, dtype=args.dtype,
+                        workers=args.workers, report_features=features) if args.samples else None
+    anatomy = (anatomy_control(pipeline, samples=args.anatomy_samples, prompt=prompts[-1], device=device, dtype=args.dtype)
                if args.anatomy_samples else None)
-    write_report(args.out, text, anatomy, {"model": str(args.model or EMBEDDED_MODEL), "device": str(device)})
+    write_report(args.out, text, anatomy, {"model": str(args.model or EMBEDDED_MODEL), "device": str(device),
+                                           "dtype": args.dtype})
     print(control_table_markdown(text, anatomy))
     return 0
 

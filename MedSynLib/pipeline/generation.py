@@ -30,7 +30,7 @@ from MedSynLib.pipeline.sampling import (
     super_resolution_output,
     text_guided_output,
 )
-from MedSynLib.pipeline.tiling import Tiling
+from MedSynLib.pipeline.tiling import Tiling, automatic_tiling, available_memory
 from MedSynLib.text_encoder import ReportEncoder, TextEncoderConfig, TextFeatures, check_report
 
 
@@ -130,6 +130,12 @@ class MedSynPipeline:
         if not torch.isfinite(features.features).all():
             raise MedSynError("report features hold NaN or infinite values")
         return features
+
+    def automatic_tiling(self, device: str | torch.device = "cpu") -> Tiling | None:
+        """Stage-2 tiling for `device`: the whole volume when its pass fits in memory, else 64^3 tiles."""
+        device = resolve_device(device)
+        stage2 = self.stage2.config
+        return automatic_tiling(stage2.network.dim, stage2.size, available_memory(device))
 
     def check_inputs(self, report: str, anatomy: dict[str, np.ndarray] | None, tiling: Tiling | None = None) -> None:
         """Refuse what `generate` could not use, before any work."""

@@ -8,6 +8,7 @@ stitching on a separate device) rather than a hand-written copy of it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,33 @@ class Tiling:
         if len(sizes) == 1:
             sizes += [-1, -1]
         return cls(tuple(sizes), overlap_value)
+
+
+# A whole-volume stage-2 pass holds about this many bytes per voxel per channel of the network's
+# first level (`dim`): 47 (demo, 128^3) to 62 (paper, 64^3) measured on CPU in fp32
+# (benchmarks/bench_step.py, benchmarks/README.md); rounded up.
+BYTES_PER_VOXEL_PER_DIM = 64
+# Tiles of 64^3 keep the paper preset's stage 2 at 256^3 to 3.3 GB peak on CPU (96^3: 4.7 GB), and
+# MONAI's scan visits fewer voxels with them (125 tiles, 1.95x the volume; 96^3 tiles: 3.4x).
+DEFAULT_TILING = Tiling((64, 64, 64), 0.25)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a pass on `device` (None when the platform cannot say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
+
+
+def automatic_tiling(dim: int, size: int, available: int | None) -> Tiling | None:
+    """The whole volume when its estimated pass fits in half of `available` bytes, else DEFAULT_TILING."""
+    whole = BYTES_PER_VOXEL_PER_DIM * dim * size**3
+    if available is None or 2 * whole <= available or size <= max(DEFAULT_TILING.size):
+        return None
+    return DEFAULT_TILING
 
 
 def apply_network(

@@ -104,7 +104,7 @@ class GenerationRequest:
     guidance: float | None = None
     model_dir: str | None = None
     device: str = "auto"
-    tile_size: int = 0  # stage-2 slab thickness in slices; 0 = whole volume at once
+    tile_size: int = 0  # stage-2 tiles of tile_size^3 voxels, bounding memory; 0 = the whole volume at once
 
     def __post_init__(self) -> None:
         if not self.report.strip():
@@ -158,8 +158,8 @@ def build_command(
         command += ["--guidance", repr(float(request.guidance))]
     if anatomy_file is not None:
         command += ["--anatomy", str(anatomy_file)]
-    if request.tile_size > 0:
-        command += [TILE_OPTION, str(request.tile_size)]
+    # Cubes, not slabs: at 256^3 a slab of 64 slices holds 16 cubes of 64^3 in memory at once.
+    command += [TILE_OPTION, "x".join([str(request.tile_size)] * 3) if request.tile_size > 0 else "whole"]
     return command
 
 
