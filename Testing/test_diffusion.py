@@ -81,10 +81,10 @@ def gaussian_x0(schedule):
     return x0_fn
 
 
-def sample_gaussian(sampler_name, steps, schedule=None, n=100_000):
+def sample_gaussian(sampler_name, steps, schedule=None, n=100_000, spacing="uniform"):
     schedule = schedule or CosineSchedule()
     x_T = torch.randn(n, 1, generator=torch.Generator().manual_seed(0))
-    return denoise_loop(gaussian_x0(schedule), x_T, make_sampler(sampler_name, schedule, steps))
+    return denoise_loop(gaussian_x0(schedule), x_T, make_sampler(sampler_name, schedule, steps, spacing))
 
 
 @pytest.mark.parametrize(("sampler", "steps"), [("ddim", 50), ("dpm++2m", 20)])
@@ -110,6 +110,20 @@ def test_samplers_converge_and_the_second_order_one_faster():
 
     assert error("ddim", 200) < 0.5 * error("ddim", 25)
     assert error("dpm++2m", 20) < error("ddim", 20)
+
+
+def test_quadratic_spacing_ends_its_few_steps_at_low_noise_and_still_samples_the_data():
+    sampler = make_sampler("dpm++2m", CosineSchedule(), 3, "quadratic")
+    assert torch.allclose(sampler.times, torch.tensor([1.0, 4 / 9, 1 / 9, 0.0], dtype=torch.float64))
+    assert sampler.evaluation_times[-1] == pytest.approx(1 / 9)  # uniform: 1/3
+    for name, steps in (("ddim", 50), ("dpm++2m", 20)):  # as the uniform spacing's test
+        samples = sample_gaussian(name, steps, spacing="quadratic")
+        assert samples.mean().item() == pytest.approx(MEAN, abs=0.01)
+        assert samples.std().item() == pytest.approx(STD, rel=0.06)
+    with pytest.raises(ValueError, match="uniform"):
+        make_sampler("ddim_reference", CosineSchedule(), 10, "quadratic")
+    with pytest.raises(ValueError, match="time_spacing"):
+        DiffusionConfig(time_spacing="cubic")
 
 
 def test_classifier_free_guidance_scale_one_is_conditional_and_zero_unconditional():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from MedSynLib.diffusion.schedules import NoiseSchedule
+from MedSynLib.diffusion.schedules import TIME_SPACINGS, NoiseSchedule
 
 
 class Sampler:
@@ -22,10 +22,15 @@ class Sampler:
         self.schedule = schedule
         self.times = torch.empty(0)
 
-    def set_timesteps(self, num_steps: int) -> None:
+    def set_timesteps(self, num_steps: int, spacing: str = "uniform") -> None:
+        """Times from 1 to 0: uniform, or quadratic (DPM-Solver's time_quadratic), which ends
+        closer to 0, so that a few-step sample's last x_0 estimate is made at low noise."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        self.times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+        if spacing not in TIME_SPACINGS:
+            raise ValueError(f"time spacing must be one of {TIME_SPACINGS}, got {spacing!r}")
+        uniform = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+        self.times = uniform**2 if spacing == "quadratic" else uniform
 
     @property
     def evaluation_times(self) -> torch.Tensor:
@@ -64,7 +69,9 @@ class ReferenceDDIMSampler(DDIMSampler):
 
     training_steps = 1000  # the reference's num_timesteps
 
-    def set_timesteps(self, num_steps: int) -> None:
+    def set_timesteps(self, num_steps: int, spacing: str = "uniform") -> None:
+        if spacing != "uniform":
+            raise ValueError("ddim_reference follows the reference's uniform stride; time spacing must be 'uniform'")
         if not 1 <= num_steps <= self.training_steps:
             raise ValueError(f"ddim_reference takes 1 to {self.training_steps} steps (the reference strides its "
                              f"{self.training_steps} training steps by int({self.training_steps} / n)), got {num_steps}")
@@ -87,8 +94,8 @@ class DPMSolverPP2MSampler(Sampler):
     one starts over at first order.
     """
 
-    def set_timesteps(self, num_steps: int) -> None:
-        super().set_timesteps(num_steps)
+    def set_timesteps(self, num_steps: int, spacing: str = "uniform") -> None:
+        super().set_timesteps(num_steps, spacing)
         self._previous: tuple[torch.Tensor, float] | None = None
 
     def step(self, x0: torch.Tensor, x_t: torch.Tensor, index: int) -> torch.Tensor:
@@ -116,11 +123,11 @@ SAMPLERS: dict[str, type[Sampler]] = {
 }
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int) -> Sampler:
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, spacing: str = "uniform") -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     sampler = SAMPLERS[name](schedule)
-    sampler.set_timesteps(num_steps)
+    sampler.set_timesteps(num_steps, spacing)
     return sampler
 
 

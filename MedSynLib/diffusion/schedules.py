@@ -59,6 +59,10 @@ SCHEDULES: dict[str, Callable[[], NoiseSchedule]] = {
 }
 
 
+# How a sampler spaces its times from 1 to 0 (samplers.Sampler.set_timesteps).
+TIME_SPACINGS = ("uniform", "quadratic")
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """How a stage was trained and how it samples by default."""
@@ -67,6 +71,7 @@ class DiffusionConfig:
     prediction_type: str = "x0"
     sampler: str = "ddim"
     num_steps: int = 50
+    time_spacing: str = "uniform"  # or "quadratic": the sampler's times (see samplers.Sampler.set_timesteps)
     guidance_scale: float = 1.0
     clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the reference does
 
@@ -77,6 +82,8 @@ class DiffusionConfig:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.time_spacing not in TIME_SPACINGS:
+            raise ValueError(f"time_spacing must be one of {TIME_SPACINGS}, got {self.time_spacing!r}")
 
     def make_schedule(self) -> NoiseSchedule:
         return SCHEDULES[self.schedule]()

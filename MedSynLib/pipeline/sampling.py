@@ -96,7 +96,7 @@ def run_sampler(
     """
     diffusion = config.diffusion
     schedule = diffusion.make_schedule()
-    sampler = make_sampler(sampler_name or diffusion.sampler, schedule, steps)
+    sampler = make_sampler(sampler_name or diffusion.sampler, schedule, steps, diffusion.time_spacing)
     autocast = torch.autocast(x_T.device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
     if anatomy is not None:
         channels, values = anatomy
