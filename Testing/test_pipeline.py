@@ -10,7 +10,7 @@ import torch
 
 from MedSynLib.errors import MedSynError
 from MedSynLib.pipeline.generation import MedSynPipeline
-from MedSynLib.pipeline.sampling import resolve_device
+from MedSynLib.pipeline.sampling import resolve_device, resolve_dtype
 from MedSynLib.pipeline.tiling import DEFAULT_TILING, Tiling, apply_network, automatic_tiling
 
 REPORT = "Small left pleural effusion. No nodules."
@@ -134,6 +134,23 @@ def test_automatic_tiling_tiles_only_a_pass_that_would_not_fit():
 
 def test_the_pipeline_picks_tiling_from_its_stage2_network(tiny_pipeline):
     assert tiny_pipeline.automatic_tiling("cpu") is None  # 32^3 is smaller than one tile
+
+
+@pytest.mark.parametrize(("bf16", "amx", "expected"), [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                        (False, False, "float32")])
+def test_auto_dtype_is_bfloat16_only_on_cpus_doing_it_in_hardware(monkeypatch, bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("auto", torch.device("cuda")) == "float32"  # not measured on a GPU
+    assert resolve_dtype("float16", torch.device("cpu")) == "float16"
+    with pytest.raises(MedSynError, match="dtype must be"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+def test_generation_records_the_dtype_it_ran_in(tiny_pipeline):
+    result = tiny_pipeline.generate(REPORT, seed=0, steps=1, stage2_steps=1, dtype="auto")
+    assert result.metadata["dtype"] == resolve_dtype("auto", torch.device("cpu"))
 
 
 def test_loading_errors_are_one_line_medsyn_errors(tiny_model_dir, tmp_path):

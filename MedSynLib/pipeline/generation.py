@@ -21,11 +21,11 @@ from MedSynLib.geometry import Geometry
 from MedSynLib.pipeline.channels import masks_to_numpy
 from MedSynLib.pipeline.model_folder import MODEL_INDEX, TEXT_ENCODER_CONFIG, ModelConfig, Stage
 from MedSynLib.pipeline.sampling import (
-    DTYPES,
     ProgressCallback,
     nearest_resize,
     place_network,
     resolve_device,
+    resolve_dtype,
     run_sampler,
     super_resolution_output,
     text_guided_output,
@@ -182,9 +182,8 @@ class MedSynPipeline:
         """
         # 1. Check inputs.
         self.check_inputs(report, anatomy, tiling)
-        if dtype not in DTYPES:
-            raise MedSynError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         place_network(self.stage1.network, device)
         place_network(self.stage2.network, device)
         guidance = self.stage1.config.diffusion.guidance_scale if guidance is None else guidance
