@@ -1,6 +1,6 @@
 """Stage 2 alone: given the true low-resolution volume of prepared cases, how close is its output to the truth?
 
-    python benchmarks/stage2_fidelity.py --model DIR --data PREPARED [--cases 2] [--steps 1,3,10]
+    python benchmarks/stage2_fidelity.py --model DIR --data PREPARED [--cases 2] [--steps 1,3,10] [--time-spacing quadratic]
 
 Separates stage 2's error from stage 1's: the condition is the case's own nearest x1/4 grid
 (as in training), so a perfect stage 2 would give the case back. Per step count: the soft-tissue
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from MedSynLib.data.prepared import PreparedDataset
+from MedSynLib.diffusion.schedules import TIME_SPACINGS
 from MedSynLib.hounsfield import MODEL_HU_RANGE
 from MedSynLib.pipeline import MedSynPipeline
 from MedSynLib.pipeline.channels import unit_to_hu
@@ -43,9 +45,13 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=2)
     parser.add_argument("--steps", default="1,3,10")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-spacing", choices=TIME_SPACINGS, default=None, help="default: the model's")
     args = parser.parse_args()
     pipeline, dataset = MedSynPipeline.from_pretrained(args.model), PreparedDataset(args.data)
     stage2, layout = pipeline.stage2, pipeline.config.layout
+    config = stage2.config
+    if args.time_spacing:
+        config = replace(config, diffusion=replace(config.diffusion, time_spacing=args.time_spacing))
     if dataset.size != stage2.config.size:
         raise SystemExit(f"the dataset's grid is {dataset.size}^3, stage 2 makes {stage2.config.size}^3")
     for index in range(min(args.cases, len(dataset))):
@@ -59,7 +65,7 @@ def main() -> None:
         for steps in map(int, args.steps.split(",")):
             x_T = torch.randn(condition.shape, generator=torch.Generator().manual_seed(args.seed))
             with torch.inference_mode():
-                high = run_sampler("stage2", output, x_T, stage2.config, steps)
+                high = run_sampler("stage2", output, x_T, config, steps)
             rows[f"stage 2, {steps} steps"] = errors(unit_to_hu(high[0, 0]).numpy(), truth)
         print(json.dumps({"case": dataset.case_ids[index], "truth": soft_tissue(truth),
                           **{k: {m: round(v, 1) for m, v in r.items()} for k, r in rows.items()}}))
