@@ -364,6 +364,24 @@ def test_focus_weights_weigh_the_thin_structures_and_their_border_only():
         10 * weighted_mse(far, torch.zeros_like(target), weights))
 
 
+def test_ct_weight_makes_a_ct_error_count_that_much_more_than_an_anatomy_error():
+    from MedSynLib.diffusion.objective import DiffusionObjective
+    from MedSynLib.diffusion.schedules import CosineSchedule
+
+    x0, noise, t = torch.zeros(1, 4, 4, 4, 4), torch.zeros(1, 4, 4, 4, 4), torch.tensor([0.0])
+    ct_error, mask_error = torch.zeros_like(x0), torch.zeros_like(x0)
+    ct_error[:, 0] = 1.0
+    mask_error[:, 1] = 1.0
+
+    def loss(weight, error):
+        objective = DiffusionObjective(CosineSchedule(), "x0", ct_weight=weight)
+        return objective.loss(lambda x, t: x0 + error, x0, noise, t).item()
+
+    assert loss(1.0, ct_error) == pytest.approx(loss(1.0, mask_error))
+    assert loss(8.0, ct_error) == pytest.approx(8 * loss(8.0, mask_error))
+    assert loss(8.0, ct_error) + 3 * loss(8.0, mask_error) == pytest.approx(1.0)  # a weighted mean: (8 + 3) / 11
+
+
 def test_focus_weight_trains_and_needs_a_thin_structure_in_the_dataset(phantom_dataset, tmp_path, capsys):
     run = tmp_path / "focus"
     assert run_train("stage2", "--data", phantom_dataset, "--out", run, *FAST, "steps=2", "focus_weight=8") == 0

@@ -73,6 +73,7 @@ class TrainConfig:
     lowres_noise: str = "shrink"
     focus_weight: float = 0.0  # > 0: loss weight 1 + focus_weight near focus_structures (thin ones)
     focus_structures: tuple[str, ...] = ("airway", "vessels")
+    ct_loss_weight: float = 1.0  # loss weight of the CT channel against each anatomy channel
     augment: bool = True
     zoom: tuple[float, float] = (0.9, 1.1)
     rotate_degrees: float = 10.0
@@ -112,7 +113,7 @@ TRAIN_LIMITS: dict[str, tuple[float, float]] = {
     "steps": (1, 10**9), "batch_size": (1, 4096), "grad_accumulation": (1, 4096), "learning_rate": (0, 1),
     "weight_decay": (0, 10), "warmup_steps": (0, 10**9), "grad_clip": (1e-6, 1e6), "ema_decay": (0, 1),
     "ema_start": (0, 10**9), "cfg_drop": (0, 1), "seed": (0, MAX_SEED), "timestep_range": (0, 1), "num_workers": (0, 256),
-    "patch": (1, 4096), "lowres_noise_max": (0, 1), "focus_weight": (0, 1e4), "zoom": (0.1, 10), "rotate_degrees": (0, 180),
+    "patch": (1, 4096), "lowres_noise_max": (0, 1), "focus_weight": (0, 1e4), "ct_loss_weight": (1e-3, 1e4), "zoom": (0.1, 10), "rotate_degrees": (0, 180),
     "log_every": (1, 10**9), "checkpoint_every": (1, 10**9), "keep_checkpoints": (1, 10**4),
     "time_limit_minutes": (0, 10**7), "sample_every": (0, 10**9), "sample_steps": (1, MAX_STEPS),
 }

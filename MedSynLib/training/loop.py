@@ -182,7 +182,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
         raise MedSynError(f"focus_weight needs one of focus_structures {list(config.focus_structures)} in the "
                           f"dataset's structures {list(layout.structures)}")
     objective = DiffusionObjective(stage_cfg.diffusion.make_schedule(), stage_cfg.diffusion.prediction_type,
-                                   tuple(layout.channels_of(focus)), config.focus_weight)
+                                   tuple(layout.channels_of(focus)), config.focus_weight, config.ct_loss_weight)
     torch.manual_seed(config.seed)
     model = UNet3D(stage_cfg.network)
     if config.init_weights:  # before anything is written: a wrong model folder leaves no run behind
