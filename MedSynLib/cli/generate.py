@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label map (anatomy label values) or .seg.nrrd to generate a CT for; "
                              "the result is returned on its grid")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
-                        help="network arithmetic; auto: bfloat16 on CPUs with native bf16, else float32")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="network arithmetic; auto (default): bfloat16 on CPUs with native bf16, else float32")
     parser.add_argument("--tile", default="auto",
                         help="stage 2 in tiles: auto (64^3 tiles when the whole volume would not fit in memory), "
                              "whole, 64 (slabs of 64 slices) or DxHxW, optional :overlap")
