@@ -6,7 +6,9 @@ Separates stage 2's error from stage 1's: the condition is the case's own neares
 (as in training), so a perfect stage 2 would give the case back. Per step count: the soft-tissue
 HU distribution (median, 10th and 90th percentile of voxels in -200..300 HU, against the truth's),
 the mean error (a density bias) and the RMS error in HU, and the same for nearest-neighbour
-upsampling of the condition (what the output would be with no stage 2).
+upsampling of the condition (what the output would be with no stage 2). Each row also gives the
+fluid volume (mL, left / right) the effusion detector finds with the case's own lung masks, so
+that a stage 2 which loses or invents an effusion shows against the truth's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from MedSynLib.data.prepared import PreparedDataset
 from MedSynLib.diffusion.schedules import TIME_SPACINGS
+from MedSynLib.evaluation.findings import detect_effusion
 from MedSynLib.hounsfield import MODEL_HU_RANGE
 from MedSynLib.pipeline import MedSynPipeline
 from MedSynLib.pipeline.channels import unit_to_hu
@@ -32,10 +35,11 @@ def soft_tissue(hu: np.ndarray) -> dict[str, float]:
             "p90": float(np.percentile(values, 90))}
 
 
-def errors(hu: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+def errors(hu: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarray], spacing) -> dict[str, float]:
     difference = hu.astype(np.float32) - truth
+    fluid = detect_effusion(hu, spacing, masks).details["volume_ml"]
     return {"mean_error_hu": float(difference.mean()), "rms_error_hu": float(np.sqrt((difference**2).mean())),
-            **soft_tissue(hu)}
+            **soft_tissue(hu), "effusion_left_ml": fluid["left"], "effusion_right_ml": fluid["right"]}
 
 
 def main() -> None:
@@ -60,15 +64,17 @@ def main() -> None:
         full = layout.encode(torch.from_numpy(case.ct_hu), {n: torch.from_numpy(m) for n, m in case.masks.items()})
         factor = dataset.size // dataset.low_size
         condition = nearest_resize(full[None, :, ::factor, ::factor, ::factor], dataset.size)
-        rows = {"nearest upsampling": errors(unit_to_hu(condition[0, 0]).numpy(), truth)}
+        spacing = pipeline.config.spacing_mm
+        rows = {"truth": errors(truth, truth, case.masks, spacing),
+                "nearest upsampling": errors(unit_to_hu(condition[0, 0]).numpy(), truth, case.masks, spacing)}
         output = super_resolution_output(stage2.network, condition, None)
         for steps in map(int, args.steps.split(",")):
             x_T = torch.randn(condition.shape, generator=torch.Generator().manual_seed(args.seed))
             with torch.inference_mode():
                 high = run_sampler("stage2", output, x_T, config, steps)
-            rows[f"stage 2, {steps} steps"] = errors(unit_to_hu(high[0, 0]).numpy(), truth)
-        print(json.dumps({"case": dataset.case_ids[index], "truth": soft_tissue(truth),
-                          **{k: {m: round(v, 1) for m, v in r.items()} for k, r in rows.items()}}))
+            rows[f"stage 2, {steps} steps"] = errors(unit_to_hu(high[0, 0]).numpy(), truth, case.masks, spacing)
+        print(json.dumps({"case": dataset.case_ids[index],
+                          **{k: {m: round(v, 1) for m, v in r.items()} for k, r in rows.items()}}), flush=True)
 
 
 if __name__ == "__main__":
