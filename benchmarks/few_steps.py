@@ -7,7 +7,8 @@ the same noise); then every sampler x step count starts from the same x_T and it
 compared with that reference: RMS of the CT difference in HU, and Dice of each anatomy channel.
 Stage 2 is measured the same way given the reference stage-1 volume, so the two stages' errors
 do not mix. Prints one JSON line per (stage, sampler, steps) with the means over seeds and reports
-(and each single comparison on stderr as it is made; a full run takes about 15 min on 2 cores).
+(and each single comparison on stderr as it is made). Nearly all the time is stage 2 at 128^3:
+on 2 cores the defaults take about 45 min, `--seeds 1 --steps 2,3,4,8 --reference-steps 32` about 6.
 """
 
 from __future__ import annotations
