@@ -47,10 +47,6 @@ def stage_errors(stage, x0: torch.Tensor, output_fn, seed: int) -> dict[float, t
     return rows
 
 
-def encoded(layout, ct_hu: np.ndarray, masks: dict[str, np.ndarray]) -> torch.Tensor:
-    return layout.encode(torch.from_numpy(ct_hu), {n: torch.from_numpy(m) for n, m in masks.items()})[None]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -71,7 +67,7 @@ def main() -> None:
         def stage1_output(x, t, text=text, mask=mask):
             return pipeline.stage1.network(x, t, text=text, text_mask=mask)
 
-        x0 = encoded(layout, case.ct_hu_low, case.masks_low)
+        x0 = layout.encode_arrays(case.ct_hu_low, case.masks_low)[None]
         for t, row in stage_errors(pipeline.stage1, x0, stage1_output, index).items():
             results["stage1"].setdefault(t, []).append(row)
 
@@ -79,7 +75,7 @@ def main() -> None:
     factor = high_data.size // high_data.low_size
     for index in range(min(args.cases, len(high_data))):
         case = high_data.load(index)
-        x0 = encoded(layout, case.ct_hu, case.masks)
+        x0 = layout.encode_arrays(case.ct_hu, case.masks)[None]
         condition = nearest_resize(x0[:, :, ::factor, ::factor, ::factor], high_data.size)
         output = super_resolution_output(pipeline.stage2.network, condition, None)
         for t, row in stage_errors(pipeline.stage2, x0, output, index).items():

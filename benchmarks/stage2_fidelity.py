@@ -61,7 +61,7 @@ def main() -> None:
     for index in range(min(args.cases, len(dataset))):
         case = dataset.load(index)
         truth = np.clip(case.ct_hu, *MODEL_HU_RANGE).astype(np.float32)
-        full = layout.encode(torch.from_numpy(case.ct_hu), {n: torch.from_numpy(m) for n, m in case.masks.items()})
+        full = layout.encode_arrays(case.ct_hu, case.masks)
         factor = dataset.size // dataset.low_size
         condition = nearest_resize(full[None, :, ::factor, ::factor, ::factor], dataset.size)
         spacing = pipeline.config.spacing_mm

@@ -51,7 +51,7 @@ def main() -> None:
     dataset = PreparedDataset(args.data)
     cases = (dataset.load(i, low_only=True) for i in range(len(dataset)))
     for i, case in enumerate(islice((c for c in cases if not asks_for(c.report, "effusion")), args.cases)):
-        x0 = layout.encode(torch.from_numpy(case.ct_hu_low), {n: torch.from_numpy(m) for n, m in case.masks_low.items()})[None]
+        x0 = layout.encode_arrays(case.ct_hu_low, case.masks_low)[None]
         t = torch.tensor([args.t])
         x_t = add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(i)), t, schedule)
         regions = {}

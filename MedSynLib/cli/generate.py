@@ -30,7 +30,7 @@ from MedSynLib.geometry import Geometry, fitted_grid, resample
 from MedSynLib.io.volumes import check_output_folder, read_anatomy, write_result
 from MedSynLib.pipeline.generation import GenerationResult, MedSynPipeline
 from MedSynLib.pipeline.model_folder import EMBEDDED_MODEL
-from MedSynLib.pipeline.sampling import DTYPES, resolve_device
+from MedSynLib.pipeline.sampling import DTYPE_CHOICES, resolve_device
 from MedSynLib.pipeline.tiling import Tiling
 from MedSynLib.text_encoder import check_report
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label map (anatomy label values) or .seg.nrrd to generate a CT for; "
                              "the result is returned on its grid")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="network arithmetic; auto (default): bfloat16 on CPUs with native bf16, else float32")
     parser.add_argument("--tile", default="auto",
                         help="stage 2 in tiles: auto (64^3 tiles when the whole volume would not fit in memory), "

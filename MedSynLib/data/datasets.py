@@ -82,7 +82,7 @@ class DiffusionSamples(torch.utils.data.Dataset):
         generator = sample_generator(self.seed, k)
         case = self.dataset.load(self.case_index(k), low_only=self.stage == "stage1")
         if self.stage == "stage1":
-            x0 = self.layout.encode(torch.from_numpy(case.ct_hu_low), {n: torch.from_numpy(m) for n, m in case.masks_low.items()})
+            x0 = self.layout.encode_arrays(case.ct_hu_low, case.masks_low)
             sample = {}
         else:
             x0, condition = self._stage2_patch(case, generator)
@@ -109,8 +109,7 @@ class DiffusionSamples(torch.utils.data.Dataset):
         # makes voxel j a copy of voxel factor * (j // factor) on every axis, so the slab needs
         # the volume from the last multiple of `factor` at or before z0.
         first = z0 - z0 % factor
-        slab = self.layout.encode(torch.from_numpy(case.ct_hu[first : z0 + d]),
-                                  {n: torch.from_numpy(m[first : z0 + d]) for n, m in case.masks.items()})
+        slab = self.layout.encode_arrays(case.ct_hu[first : z0 + d], {n: m[first : z0 + d] for n, m in case.masks.items()})
         channels = slab.shape[0]
         rows = torch.arange(size) // factor * factor
         low = slab[:, torch.arange(z0, z0 + d) // factor * factor - first][:, :, rows][:, :, :, rows]

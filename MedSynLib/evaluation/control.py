@@ -61,7 +61,7 @@ from MedSynLib.evaluation.findings import (
     requested_findings,
 )
 from MedSynLib.io.preview import preview_image
-from MedSynLib.pipeline.sampling import DTYPES
+from MedSynLib.pipeline.sampling import DTYPE_CHOICES
 from MedSynLib.text_encoder import TextFeatures, check_report
 
 # Phantom-style reports: each finding asked for on its own, with the others denied.
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated stage-1 step counts, or 'default'")
     parser.add_argument("--anatomy-samples", type=SAMPLES, default=0, help="volume pairs for anatomy control (0: skip)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32", choices=["auto", *DTYPES], help="network arithmetic, as generate's")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="network arithmetic, as generate's")
     parser.add_argument("--workers", type=WORKERS, default=1, help="processes running the finding detectors")
     parser.add_argument("--save-report-features", type=OUTPUT_FILE, metavar="FILE",
                         help="encode the prompts into FILE (safetensors) and stop")

@@ -88,6 +88,10 @@ class ChannelLayout:
         """CT in HU (..., D, H, W) and masks -> model channels (..., C, D, H, W)."""
         return torch.cat([hu_to_unit(ct_hu).unsqueeze(-4), self.encode_anatomy(masks)], dim=-4)
 
+    def encode_arrays(self, ct_hu: np.ndarray, masks: dict[str, np.ndarray]) -> torch.Tensor:
+        """`encode` for numpy arrays, as prepared cases hold them."""
+        return self.encode(torch.from_numpy(ct_hu), {n: torch.from_numpy(m) for n, m in masks.items()})
+
     def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return unit_to_hu(x.select(-4, 0)), self.decode_anatomy(x.narrow(-4, 1, x.shape[-4] - 1))
 

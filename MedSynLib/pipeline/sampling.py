@@ -16,6 +16,7 @@ from MedSynLib.pipeline.model_folder import StageConfig
 from MedSynLib.pipeline.tiling import Tiling, apply_network
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # what resolve_dtype accepts
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -45,7 +46,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype == "auto":
         return "bfloat16" if device.type == "cpu" and cpu_has_native_bfloat16() else "float32"
     if dtype not in DTYPES:
-        raise MedSynError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        raise MedSynError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
     return dtype
 
 

@@ -127,7 +127,7 @@ def preview(stage: str, ema: UNet3D, stage_cfg: StageConfig, dataset: PreparedDa
         output = text_guided_output(ema, text[0].to(device), text[1].to(device), 1.0)
     else:
         case = dataset.load(0)
-        low = layout.encode(torch.from_numpy(case.ct_hu_low), {n: torch.from_numpy(m) for n, m in case.masks_low.items()})
+        low = layout.encode_arrays(case.ct_hu_low, case.masks_low)
         condition = nearest_resize(low[None], stage_cfg.size).to(device)
         x_T = torch.randn(condition.shape, generator=generator).to(device)
         output = super_resolution_output(ema, condition, None)
