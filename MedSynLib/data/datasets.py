@@ -114,9 +114,10 @@ class DiffusionSamples(torch.utils.data.Dataset):
         rows = torch.arange(size) // factor * factor
         low = slab[:, torch.arange(z0, z0 + d) // factor * factor - first][:, :, rows][:, :, :, rows]
         both = torch.cat([slab[:, z0 - first :], low], dim=0)  # augmentation is in-plane: the slab is enough
-        if self.augmentation is not None:
-            order = torch.tensor([0, channels] + [c for c in range(2 * channels) if c not in (0, channels)])
-            both = augment_inplane(both[order], generator, self.augmentation, anatomy_from=2)[torch.argsort(order)]
+        if self.augmentation is not None:  # the CT channels of both first: they are resampled bilinearly
+            ct = [c + offset for offset in (0, channels) for c in range(self.layout.ct_channels)]
+            order = torch.tensor(ct + [c for c in range(2 * channels) if c not in ct])
+            both = augment_inplane(both[order], generator, self.augmentation, anatomy_from=len(ct))[torch.argsort(order)]
         y0, x0 = (int(torch.randint(0, size - p + 1, (1,), generator=generator)) for p in (h, w))
         target, condition = both[:, :, y0 : y0 + h, x0 : x0 + w].split(channels)
         a = self.lowres_noise_max * torch.rand(1, generator=generator).item()

@@ -64,11 +64,12 @@ class DiffusionObjective:
     prediction_type: str
     focus_channels: tuple[int, ...] = ()  # anatomy channels whose neighbourhood weighs 1 + focus_weight
     focus_weight: float = 0.0
-    # Loss weight of the CT channel (0) against each anatomy channel. The anatomy channels
+    # Loss weight of the CT channels (the first ct_channels) against each anatomy channel. The anatomy channels
     # outnumber it (7 to 1 with the binary encoding), so at 1 the network spends most of its
     # capacity on masks and leaves the CT some 40-60 HU imprecise in soft tissue, more than
     # the 30 HU between fluid and muscle (benchmarks/denoiser_precision.py).
     ct_weight: float = 1.0
+    ct_channels: int = 1
 
     def loss(self, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
              noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -77,6 +78,6 @@ class DiffusionObjective:
         channel_weights = None
         if self.ct_weight != 1.0:
             channel_weights = torch.ones(x0.shape[1])
-            channel_weights[0] = self.ct_weight
+            channel_weights[: self.ct_channels] = self.ct_weight
         return weighted_mse(output, target, focus_weights(x0, list(self.focus_channels), self.focus_weight),
                             channel_weights)

@@ -19,7 +19,13 @@ from MedSynLib.configuration import config_from_dict, config_to_dict, read_json,
 from MedSynLib.errors import MedSynError, require_path
 from MedSynLib.geometry import Geometry
 from MedSynLib.pipeline.channels import masks_to_numpy
-from MedSynLib.pipeline.model_folder import MODEL_INDEX, TEXT_ENCODER_CONFIG, ModelConfig, Stage
+from MedSynLib.pipeline.model_folder import (
+    MODEL_INDEX,
+    TEXT_ENCODER_CONFIG,
+    ModelConfig,
+    Stage,
+    read_model_config,
+)
 from MedSynLib.pipeline.sampling import (
     ProgressCallback,
     nearest_resize,
@@ -79,11 +85,7 @@ class MedSynPipeline:
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> MedSynPipeline:
         folder = require_path(folder, "folder", "model folder")
-        index = read_json(folder / MODEL_INDEX)
-        if index.pop("_class_name", None) != cls.__name__:
-            raise MedSynError(f"{folder / MODEL_INDEX} does not describe a {cls.__name__}")
-        index.pop("medsyn_version", None)
-        config = config_from_dict(ModelConfig, index, source=str(folder / MODEL_INDEX))
+        config = read_model_config(folder)
         text_config = config_from_dict(
             TextEncoderConfig, read_json(folder / "text_encoder" / TEXT_ENCODER_CONFIG), source="text encoder config"
         )

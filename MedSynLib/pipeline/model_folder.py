@@ -25,7 +25,7 @@ from MedSynLib.diffusion.schedules import DiffusionConfig
 from MedSynLib.errors import MedSynError
 from MedSynLib.networks.reference import ReferenceUNet3D, ReferenceUNetConfig
 from MedSynLib.networks.unet import UNet3D, UNet3DConfig
-from MedSynLib.pipeline.channels import ChannelLayout
+from MedSynLib.pipeline.channels import ChannelLayout, check_ct_window
 
 MODEL_INDEX = "model_index.json"
 STAGE_CONFIG = "config.json"
@@ -69,10 +69,23 @@ class ModelConfig:
     # Array axes (0 = z, 1 = y, 2 = x) that the network's volumes hold reversed relative to LPS
     # (the reference's outputs are flipped along y before they are anatomically right).
     flip_axes: tuple[int, ...] = ()
+    ct_window: tuple[float, float] | None = None  # HU of the soft-tissue window channel (ChannelLayout)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ct_window", check_ct_window(self.ct_window))
 
     @property
     def layout(self) -> ChannelLayout:
-        return ChannelLayout(self.structures, self.channel_encoding)
+        return ChannelLayout(self.structures, self.channel_encoding, self.ct_window)
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a model folder (its model_index.json)."""
+    index = read_json(folder / MODEL_INDEX)
+    if index.pop("_class_name", None) != "MedSynPipeline":
+        raise MedSynError(f"{folder / MODEL_INDEX} does not describe a MedSynPipeline")
+    index.pop("medsyn_version", None)
+    return config_from_dict(ModelConfig, index, source=str(folder / MODEL_INDEX))
 
 
 def stage_config_from_dict(data: dict, *, source: str) -> StageConfig:
@@ -110,13 +123,19 @@ def load_weights(network: torch.nn.Module, weights_path: Path, *, source: str, m
         state = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise MedSynError(f"cannot read {weights_path}: {error}") from error
+    load_state(network, state, source=source, may_lack=may_lack, name=str(weights_path))
+
+
+def load_state(network: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str,
+               may_lack: tuple[str, ...] = (), name: str = "the weights") -> None:
+    """`load_weights` for a state already in memory (`name` says where it came from in errors)."""
     expected = network.state_dict()
     misfit = state_dict_misfit(expected, state, required=[k for k in expected if not k.startswith(may_lack)])
     if misfit:
-        raise MedSynError(f"{weights_path} does not fit {source}: {misfit}")
+        raise MedSynError(f"{name} does not fit {source}: {misfit}")
     broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if broken is not None:  # it would generate an empty (all-NaN, written as 0 HU) volume
-        raise MedSynError(f"{weights_path} holds NaN or infinite weights (e.g. {broken}); the model is broken")
+        raise MedSynError(f"{name} holds NaN or infinite weights (e.g. {broken}); the model is broken")
     network.load_state_dict(state, strict=False)
 
 

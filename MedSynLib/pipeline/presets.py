@@ -88,6 +88,7 @@ def build_pipeline(
     *,
     structures: str = "lobes",
     channel_encoding: str = "binary",
+    ct_window: tuple[float, float] | None = None,
     text_encoder: TextEncoderConfig | None = None,
     text_dim: int = 384,
     seed: int = 0,
@@ -97,7 +98,7 @@ def build_pipeline(
     text_encoder = text_encoder or TextEncoderConfig(EMBEDDED_ENCODER)
     names = STRUCTURE_SETS[structures] if structures in STRUCTURE_SETS else tuple(structures.split(","))
     try:
-        layout = ChannelLayout(tuple(names), channel_encoding)
+        layout = ChannelLayout(tuple(names), channel_encoding, ct_window)
     except ValueError as error:
         raise MedSynError(str(error)) from error
     s1, s2 = stage_configs(preset, channels=layout.num_channels, text_dim=text_dim, text_tokens=text_encoder.max_tokens)
@@ -107,6 +108,7 @@ def build_pipeline(
     config = ModelConfig(
         structures=layout.structures,
         channel_encoding=channel_encoding,
+        ct_window=layout.ct_window,
         spacing_mm=(NOMINAL_FIELD_OF_VIEW_MM / s2.size,) * 3,
         trained=False,
         description=f"untrained {preset} preset (random weights)",

@@ -109,7 +109,7 @@ def run_sampler(
 ) -> torch.Tensor:
     """Run one stage's sampler; x0 is clipped and, if given, anatomy channels are imposed.
 
-    anatomy: None or (channel indices, their values as anatomy channels (1, C-1, D, H, W)).
+    anatomy: None or (channel indices, their values as anatomy channels (1, C - CT channels, D, H, W)).
     """
     diffusion = config.diffusion
     schedule = diffusion.make_schedule()
@@ -119,7 +119,8 @@ def run_sampler(
         channels, values = anatomy
         keep = torch.zeros(1, x_T.shape[1], 1, 1, 1, dtype=torch.bool, device=x_T.device)
         keep[:, channels] = True
-        target = torch.cat([torch.zeros_like(values[:, :1]), values], dim=1)
+        ct_channels = x_T.shape[1] - values.shape[1]
+        target = torch.cat([torch.zeros_like(x_T[:, :ct_channels]).to(values), values], dim=1)
 
     def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast:

@@ -21,9 +21,12 @@ from MedSynLib.errors import (
     MedSynError,
 )
 from MedSynLib.networks.unet import UNet3D, UNet3DConfig
+from MedSynLib.pipeline.channels import ChannelLayout
 from MedSynLib.pipeline.model_folder import (
     WEIGHTS,
+    load_state,
     load_weights,
+    read_model_config,
     stage_config_from_dict,
 )
 
@@ -97,11 +100,13 @@ def latest_checkpoint(run: Path, model: UNet3D, ema: UNet3D, optimizer, scaler) 
     return 0
 
 
-def start_from_model(model: UNet3D, stage: str, folder: Path) -> None:
-    """Initialise `model` with the `stage` weights of an exported model folder (fine-tuning).
+def start_from_model(model: UNet3D, stage: str, folder: Path, layout: ChannelLayout) -> None:
+    """Initialise `model` (whose channels are `layout`'s) with the `stage` weights of an exported
+    model folder (fine-tuning).
 
     The networks must match, except that modules which start as a no-op (`pooled_text`)
-    may be new: a released model can be fine-tuned with them added.
+    may be new, and that the CT window channel may be added or dropped: a released model
+    can be fine-tuned with them.
     """
     source = folder / stage / "config.json"
     if not source.is_file():
@@ -110,7 +115,43 @@ def start_from_model(model: UNet3D, stage: str, folder: Path) -> None:
     if not isinstance(saved, UNet3DConfig):
         raise MedSynError(f"init_weights: the {stage} network of {folder} is a converted reference network; "
                           f"training builds MedSynLib's own networks only")
-    if replace(saved, pooled_text=model.config.pooled_text) != model.config:
+    channels = {"in_channels": model.config.in_channels, "out_channels": model.config.out_channels,
+                "cond_channels": model.config.cond_channels, "pooled_text": model.config.pooled_text}
+    if replace(saved, **channels) != model.config:
         raise MedSynError(f"init_weights: the {stage} network of {folder} differs from this run's (preset and network "
                           f"settings must match it)")
-    load_weights(model, folder / stage / WEIGHTS, source=str(source), may_lack=("text_to_time.",))
+    saved_layout = read_model_config(folder).layout
+    if saved_layout.channel_names == layout.channel_names:
+        load_weights(model, folder / stage / WEIGHTS, source=str(source), may_lack=("text_to_time.",))
+        return
+    unknown = (set(layout.channel_names) ^ set(saved_layout.channel_names)) - {"ct_window"}
+    if unknown:
+        raise MedSynError(f"init_weights: {folder} generates other channels than this run ({sorted(unknown)}); "
+                          f"fine-tuning may only add or drop the CT window channel (ct_window)")
+    network = UNet3D(saved)
+    load_weights(network, folder / stage / WEIGHTS, source=str(source))
+    state = remap_channels(network.state_dict(), saved_layout, layout)
+    load_state(model, state, source=str(source), may_lack=("text_to_time.",))
+
+
+def remap_channels(state: dict[str, torch.Tensor], saved: ChannelLayout, target: ChannelLayout) -> dict[str, torch.Tensor]:
+    """A UNet3D state of `saved`'s channels rearranged for `target`'s (same names; "ct_window" may differ).
+
+    A new channel starts with zero input and output weights: the network ignores it and
+    predicts 0 for it (a residual one: the condition), so the other channels keep what they
+    learnt. (The CT output mapped linearly into the window would be a worse start: outside
+    the window it lands far beyond [-1, 1]; measured, the first loss was 400x the trained one.)
+    """
+    names = saved.channel_names
+
+    def pick(weight: torch.Tensor, dim: int, blocks: int) -> torch.Tensor:
+        """Each of `blocks` consecutive groups of len(names) channels along `dim`, in target's order."""
+        parts = [block.narrow(dim, names.index(name), 1) if name in names else torch.zeros_like(block.narrow(dim, 0, 1))
+                 for block in weight.chunk(blocks, dim) for name in target.channel_names]
+        return torch.cat(parts, dim)
+
+    remapped = dict(state)
+    remapped["init_conv.weight"] = pick(state["init_conv.weight"], 1, state["init_conv.weight"].shape[1] // len(names))
+    remapped["final_conv.weight"] = pick(state["final_conv.weight"], 0, 1)
+    remapped["final_conv.bias"] = pick(state["final_conv.bias"], 0, 1)
+    return remapped

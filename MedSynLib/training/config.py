@@ -26,7 +26,7 @@ from MedSynLib.errors import (
     read_text,
 )
 from MedSynLib.networks.unet import NETWORK_LIMITS, UNet3DConfig
-from MedSynLib.pipeline.channels import ChannelLayout
+from MedSynLib.pipeline.channels import ChannelLayout, check_ct_window
 from MedSynLib.pipeline.model_folder import (
     StageConfig,
 )
@@ -73,7 +73,10 @@ class TrainConfig:
     lowres_noise: str = "shrink"
     focus_weight: float = 0.0  # > 0: loss weight 1 + focus_weight near focus_structures (thin ones)
     focus_structures: tuple[str, ...] = ("airway", "vessels")
-    ct_loss_weight: float = 1.0  # loss weight of the CT channel against each anatomy channel
+    ct_loss_weight: float = 1.0  # loss weight of the CT channels against each anatomy channel
+    # A soft-tissue window channel (low, high HU) generated with the CT (pipeline/channels.py);
+    # None: the CT is one full-range channel, as in the reference.
+    ct_window: Optional[tuple[float, float]] = None
     augment: bool = True
     zoom: tuple[float, float] = (0.9, 1.1)
     rotate_degrees: float = 10.0
@@ -93,6 +96,7 @@ class TrainConfig:
                               ("schedule", tuple(SCHEDULES)), ("prediction_type", PREDICTION_TYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "ct_window", check_ct_window(self.ct_window))
         low, high = self.timestep_range
         if not low < high:
             raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1, got {self.timestep_range}")
@@ -167,9 +171,17 @@ def resolve_config(config_file: Path | None, overrides: list[str]) -> TrainConfi
     return config_from_dict(TrainConfig, values, source=str(config_file or "overrides"))
 
 
+def training_layout(config: TrainConfig, dataset: PreparedDataset) -> ChannelLayout:
+    """The model channels a run trains: the dataset's structures, and the run's CT window."""
+    try:
+        return ChannelLayout(dataset.structures, ct_window=config.ct_window)
+    except ValueError as error:
+        raise MedSynError(str(error)) from error
+
+
 def stage_config(stage: str, config: TrainConfig, dataset: PreparedDataset, text_dim: int) -> StageConfig:
     """The network + diffusion config of the stage, from the preset and the dataset."""
-    layout = ChannelLayout(dataset.structures)
+    layout = training_layout(config, dataset)
     s1, s2 = stage_configs(config.preset, channels=layout.num_channels, text_dim=text_dim,
                            text_tokens=int(dataset.index.get("text_tokens", 192)))
     chosen = s1 if stage == "stage1" else s2

@@ -21,7 +21,7 @@ from MedSynLib.pipeline.model_folder import (
     stage_config_from_dict,
 )
 from MedSynLib.text_encoder import TextEncoderConfig
-from MedSynLib.training.config import STAGES
+from MedSynLib.training.config import STAGES, TrainConfig
 
 
 def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
@@ -32,9 +32,10 @@ def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
     """
     if not runs:
         raise MedSynError("export needs at least one --run")
-    stages = {}
+    stages, windows = {}, set()
     for run in runs:
         info = read_json(run / "run.json")
+        windows.add(config_from_dict(TrainConfig, info["train"], source=str(run / "run.json")).ct_window)
         checkpoints = sorted((run / "checkpoints").glob("step_*"))
         if not checkpoints:
             raise MedSynError(f"{run} has no checkpoint to export")
@@ -59,8 +60,11 @@ def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
     if base_model is not None:
         structures.add(base_model.config.structures)
         encoders.add(base_model.text_encoder_config)
+        windows.add(base_model.config.ct_window)
     if len(structures) > 1 or len(encoders) > 1:
         raise MedSynError("the runs (and base model) were trained on datasets with different structures or text encoders")
+    if len(windows) > 1:
+        raise MedSynError(f"the runs (and base model) generate different CT channels (ct_window {sorted(windows, key=str)})")
     trained_on = " and ".join(sorted({f"{d.root.name} ({len(d)} cases)" for d in datasets}))
     stage2_data = stages["stage2"][1]
     model_config = ModelConfig(
@@ -69,6 +73,7 @@ def export(runs: list[Path], out: Path, *, base: Path | None = None) -> Path:
         spacing_mm=(tuple(stage2_data.index.get("spacing_mm") or (NOMINAL_FIELD_OF_VIEW_MM / stage2_data.size,) * 3) if stage2_data
                     else base_model.config.spacing_mm),
         trained=True,
+        ct_window=windows.pop(),
         description=f"trained on {trained_on}: stage 1 {stages['stage1'][2]}, stage 2 {stages['stage2'][2]}",
     )
     pipeline = MedSynPipeline(model_config, stages["stage1"][0], stages["stage2"][0], encoders.pop())

@@ -36,7 +36,6 @@ from MedSynLib.errors import (
 )
 from MedSynLib.io.preview import preview_image
 from MedSynLib.networks.unet import UNet3D
-from MedSynLib.pipeline.channels import ChannelLayout
 from MedSynLib.pipeline.model_folder import (
     StageConfig,
 )
@@ -50,7 +49,7 @@ from MedSynLib.pipeline.sampling import (
 )
 from MedSynLib.text_encoder import ReportEncoder, TextEncoderConfig
 from MedSynLib.training.checkpoints import latest_checkpoint, save_checkpoint, start_from_model
-from MedSynLib.training.config import TrainConfig, learning_rate, stage_config
+from MedSynLib.training.config import TrainConfig, learning_rate, stage_config, training_layout
 
 
 class Logger:
@@ -119,7 +118,7 @@ def update_ema(ema: UNet3D, model: UNet3D, decay: float) -> None:
 def preview(stage: str, ema: UNet3D, stage_cfg: StageConfig, dataset: PreparedDataset, text, config: TrainConfig,
             device: torch.device):
     """A sample from the fixed validation report (stage 1) or validation case (stage 2), as a PNG."""
-    layout = ChannelLayout(dataset.structures)
+    layout = training_layout(config, dataset)
     ema.eval()
     generator = torch.Generator().manual_seed(config.seed)
     if stage == "stage1":
@@ -174,7 +173,7 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
     dataset = PreparedDataset(data)
     text_dim = int(dataset.index["text_hidden"])
     stage_cfg = stage_config(stage, config, dataset, text_dim)
-    layout = ChannelLayout(dataset.structures)
+    layout = training_layout(config, dataset)
     if stage == "stage2" and any(p > dataset.size for p in config.patch):
         raise MedSynError(f"patch {config.patch} is larger than the dataset's volumes ({dataset.size}^3)")
     focus = [n for n in config.focus_structures if n in layout.structures]
@@ -182,11 +181,12 @@ def train(stage: str, data: Path, run: Path, config: TrainConfig, *, resume: boo
         raise MedSynError(f"focus_weight needs one of focus_structures {list(config.focus_structures)} in the "
                           f"dataset's structures {list(layout.structures)}")
     objective = DiffusionObjective(stage_cfg.diffusion.make_schedule(), stage_cfg.diffusion.prediction_type,
-                                   tuple(layout.channels_of(focus)), config.focus_weight, config.ct_loss_weight)
+                                   tuple(layout.channels_of(focus)), config.focus_weight, config.ct_loss_weight,
+                                   layout.ct_channels)
     torch.manual_seed(config.seed)
     model = UNet3D(stage_cfg.network)
     if config.init_weights:  # before anything is written: a wrong model folder leaves no run behind
-        start_from_model(model, stage, Path(config.init_weights))
+        start_from_model(model, stage, Path(config.init_weights), layout)
     open_run(run, stage, stage_cfg, config, data, resume=resume, world=world, is_main=is_main)
 
     # Model, EMA copy, optimizer, gradient scaler: set once, up front.
