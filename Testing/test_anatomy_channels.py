@@ -100,3 +100,45 @@ def test_reference_encoding_is_four_channels_with_a_lobe_label():
     assert all(torch.equal(decoded[n], masks[n]) for n in layout.structures)
     with pytest.raises(ValueError, match="lobes"):
         ChannelLayout(STRUCTURE_SETS["lungs"], "reference")
+
+
+def test_window_channel_round_trips_and_resolves_soft_tissue_five_times_finer():
+    layout = ChannelLayout(STRUCTURE_SETS["lobes"], ct_window=(-150, 150))
+    assert layout.ct_channels == 2 and layout.num_channels == 2 + len(layout.structures)
+    assert layout.channel_names[:3] == ("ct", "ct_window", layout.structures[0])
+    assert layout.channels_of([layout.structures[0], "vessels"]) == [2, 1 + len(layout.structures)]
+    masks = _random_masks(layout.structures)
+    ct = torch.randint(-1024, 600, (6, 6, 6))
+    x = layout.encode(ct, masks)
+    assert x.shape == (layout.num_channels, 6, 6, 6) and x.abs().max() <= 1
+    ct_back, masks_back = layout.decode(x)
+    assert (ct_back.int() - ct.int()).abs().max() <= 1
+    assert all(torch.equal(masks_back[n], masks[n]) for n in layout.structures)
+    fluid, muscle = layout.encode_ct(torch.tensor([10.0, 40.0]).view(2, 1, 1)).unbind(-3)
+    assert (muscle - fluid)[1].item() == pytest.approx(0.2)  # 30 HU of a 300 HU window
+    assert (muscle - fluid)[0].item() == pytest.approx(60 / 1624)
+
+
+def test_window_decoding_takes_soft_tissue_from_the_window_and_the_rest_from_the_full_range():
+    layout = ChannelLayout(STRUCTURE_SETS["lungs"], ct_window=(-150, 150))
+    ct = torch.tensor([-900.0, -400.0, -60.0, 0.0, 35.0, 70.0, 400.0]).view(1, 1, 7)
+    x = layout.encode(ct, {"left_lung": torch.zeros(ct.shape, dtype=torch.bool)})
+    generator = torch.Generator().manual_seed(0)
+    window_error = x.clone()
+    window_error[1] += 0.05 * torch.randn(ct.shape, generator=generator)
+    full_error = x.clone()
+    full_error[0] += 0.05 * torch.randn(ct.shape, generator=generator)
+    soft = ct.abs() < 100
+    moved_by_window = (layout.decode(window_error)[0] - ct).abs()
+    moved_by_full = (layout.decode(full_error)[0] - ct).abs()
+    assert (moved_by_window[~soft] <= 1).all()  # lung and bone ignore the window channel
+    assert (moved_by_full[soft] <= 1).all()  # soft tissue ignores the full-range channel
+    assert (moved_by_window[soft] <= 0.15 * 150 + 1).all()  # a window unit is 150 HU, not 812
+
+
+def test_window_channel_needs_a_window_inside_the_model_range_and_the_binary_encoding():
+    for window in [(100, -100), (-2000, 100), (0, float("nan"))]:
+        with pytest.raises(ValueError, match="ct_window"):
+            ChannelLayout(STRUCTURE_SETS["lungs"], ct_window=window)
+    with pytest.raises(ValueError, match="reference encoding"):
+        ChannelLayout(STRUCTURE_SETS["lobes"], "reference", ct_window=(-150, 150))

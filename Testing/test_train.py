@@ -270,6 +270,30 @@ def test_stage2_condition_is_the_whole_volume_degradation_cropped(phantom_datase
         torch.testing.assert_close(item["x0"], full[crop])
 
 
+def test_stage2_augmentation_resamples_both_ct_channels_as_images_and_the_masks_as_labels(phantom_dataset):
+    import torch.nn.functional as F
+
+    from MedSynLib.data.datasets import Augmentation, DiffusionSamples
+    from MedSynLib.data.prepared import PreparedDataset
+    from MedSynLib.pipeline.channels import ChannelLayout
+
+    dataset = PreparedDataset(phantom_dataset)
+    layout = ChannelLayout(dataset.structures, ct_window=(-150, 150))
+    samples = DiffusionSamples(dataset, stage="stage2", layout=layout, seed=5, patch=(12, 16, 16), lowres_noise_max=0.0,
+                               augmentation=Augmentation(zoom=(0.8, 1.2), rotate_degrees=20))
+    scale, shift = layout.window_affine()
+    for k in range(4):
+        for volume in (samples[k]["x0"], samples[k]["cond"]):
+            anatomy = volume[layout.ct_channels:]
+            assert ((anatomy == 1) | (anatomy == -1)).all()  # labels: nearest
+            full, window = volume[0], volume[1]
+            # Where every in-plane neighbour is inside the window, bilinear resampling of both keeps window = affine(full).
+            inside = ((scale * full + shift).abs() < 0.9).float()[:, None]
+            inside = F.pad(-F.max_pool2d(-inside, 5, stride=1)[:, 0], (2, 2, 2, 2)) > 0.5
+            assert inside.sum() > 20
+            torch.testing.assert_close(window[inside], scale * full[inside] + shift, atol=0.02, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["shrink", "additive"])
 def test_the_condition_noise_shrinks_the_condition_only_as_the_reference_does(phantom_dataset, mode):
     """"shrink" (the reference's) is (1 - a) x + a N(0, 1): the condition comes scaled toward 0;
@@ -328,6 +352,40 @@ def test_fine_tuning_starts_from_a_model_folder_with_a_new_pooled_text_path(trai
     assert "is not a model folder" in capsys.readouterr().err
     assert run_train("export", "--base", model, "--out", tmp_path / "nothing") == 2
     assert "at least one --run" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
+
+
+def test_fine_tuning_adds_a_ct_window_channel_that_starts_unused_and_unpredicted(trained_runs, phantom_dataset,
+                                                                                 tmp_path, capsys):
+    model = export([trained_runs / "stage1", trained_runs / "stage2"], tmp_path / "model")
+    for stage in ("stage1", "stage2"):
+        assert run_train(stage, "--data", phantom_dataset, "--out", tmp_path / stage, *FAST, "steps=1",
+                         "learning_rate=0", "ema_decay=0", f"init_weights={model}", "ct_window=[-150,150]") == 0
+    windowed = MedSynPipeline.from_pretrained(export([tmp_path / "stage1", tmp_path / "stage2"], tmp_path / "windowed"))
+    original = MedSynPipeline.from_pretrained(model)
+    assert windowed.config.ct_window == (-150.0, 150.0) and windowed.config.layout.ct_channels == 2
+    kept = [windowed.config.layout.channel_names.index(n) for n in original.config.layout.channel_names]
+    generator = torch.Generator().manual_seed(0)
+    for stage in ("stage1", "stage2"):
+        old, new = getattr(original, stage).network, getattr(windowed, stage).network
+        x = torch.randn((1, new.config.in_channels) + (16,) * 3, generator=generator)
+        cond = torch.randn(x.shape, generator=generator) if new.config.cond_channels else None
+        t = torch.tensor([0.4])
+        with torch.no_grad():
+            before = old(x[:, kept], t, cond=None if cond is None else cond[:, kept])
+            after = new(x, t, cond=cond)
+        torch.testing.assert_close(after[:, kept], before)
+        assert not after[:, 1].any()  # the window channel: predicted 0 until trained
+    given = np.zeros((windowed.stage2.config.size,) * 3, dtype=bool)
+    given[2:6, 3:9, 4:12] = True
+    name = windowed.config.structures[-1]
+    volume = windowed.generate("Left pleural effusion.", seed=1, steps=2, stage2_steps=1, anatomy={name: given})
+    assert volume.ct_hu.shape == given.shape and np.array_equal(volume.masks[name], given)  # imposed after 2 CT channels
+    # Runs of different CT channels do not make one model.
+    with pytest.raises(MedSynError, match="different CT channels"):
+        export([tmp_path / "stage1", trained_runs / "stage2"], tmp_path / "mixed")
+    assert run_train("stage1", "--data", phantom_dataset, "--out", tmp_path / "bad", *FAST, "steps=1",
+                     "ct_window=[150,-150]") == 2
+    assert "ct_window" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_timestep_range_bounds_the_training_times(phantom_dataset):
