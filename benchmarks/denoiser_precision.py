@@ -20,20 +20,20 @@ import torch
 from MedSynLib.data.prepared import PreparedDataset
 from MedSynLib.diffusion.schedules import add_noise, prediction_to_x0
 from MedSynLib.pipeline import MedSynPipeline
-from MedSynLib.pipeline.channels import unit_to_hu
+from MedSynLib.pipeline.channels import ChannelLayout
 from MedSynLib.pipeline.sampling import nearest_resize, super_resolution_output
 
 TIMES = (0.02, 0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def soft_tissue_error(x0_hat: torch.Tensor, x0: torch.Tensor) -> tuple[float, float]:
-    truth = unit_to_hu(x0[0, 0]).float().numpy()
-    error = unit_to_hu(x0_hat[0, 0]).float().numpy() - truth
+def soft_tissue_error(layout: ChannelLayout, x0_hat: torch.Tensor, x0: torch.Tensor) -> tuple[float, float]:
+    truth = layout.decode(x0[0])[0].float().numpy()
+    error = layout.decode(x0_hat[0])[0].float().numpy() - truth
     soft = (truth > -200) & (truth < 300)
     return float(error[soft].mean()), float(error[soft].std())
 
 
-def stage_errors(stage, x0: torch.Tensor, output_fn, seed: int) -> dict[float, tuple[float, float]]:
+def stage_errors(stage, layout: ChannelLayout, x0: torch.Tensor, output_fn, seed: int) -> dict[float, tuple[float, float]]:
     diffusion = stage.config.diffusion
     schedule = diffusion.make_schedule()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -43,7 +43,7 @@ def stage_errors(stage, x0: torch.Tensor, output_fn, seed: int) -> dict[float, t
         x_t = add_noise(x0, noise, t, schedule)
         with torch.inference_mode():
             x0_hat = prediction_to_x0(output_fn(x_t, t), x_t, t, schedule, diffusion.prediction_type).clamp(-1, 1)
-        rows[value] = soft_tissue_error(x0_hat, x0)
+        rows[value] = soft_tissue_error(layout, x0_hat, x0)
     return rows
 
 
@@ -68,7 +68,7 @@ def main() -> None:
             return pipeline.stage1.network(x, t, text=text, text_mask=mask)
 
         x0 = layout.encode_arrays(case.ct_hu_low, case.masks_low)[None]
-        for t, row in stage_errors(pipeline.stage1, x0, stage1_output, index).items():
+        for t, row in stage_errors(pipeline.stage1, layout, x0, stage1_output, index).items():
             results["stage1"].setdefault(t, []).append(row)
 
     high_data = PreparedDataset(args.data128)
@@ -78,7 +78,7 @@ def main() -> None:
         x0 = layout.encode_arrays(case.ct_hu, case.masks)[None]
         condition = nearest_resize(x0[:, :, ::factor, ::factor, ::factor], high_data.size)
         output = super_resolution_output(pipeline.stage2.network, condition, None)
-        for t, row in stage_errors(pipeline.stage2, x0, output, index).items():
+        for t, row in stage_errors(pipeline.stage2, layout, x0, output, index).items():
             results["stage2"].setdefault(t, []).append(row)
 
     for stage, per_t in results.items():

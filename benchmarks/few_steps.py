@@ -21,7 +21,6 @@ import sys
 import torch
 
 from MedSynLib.pipeline import EMBEDDED_MODEL, MedSynPipeline
-from MedSynLib.pipeline.channels import unit_to_hu
 from MedSynLib.pipeline.sampling import (
     nearest_resize,
     run_sampler,
@@ -38,9 +37,9 @@ REPORTS = (
 def compare(pipeline: MedSynPipeline, x: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """RMS HU difference of the CT channel and mean Dice of the anatomy channels."""
     layout = pipeline.config.layout
-    rms = float((unit_to_hu(x[0, 0]).float() - unit_to_hu(reference[0, 0]).float()).pow(2).mean().sqrt())
-    _, masks = layout.decode(x[0].float())
-    _, truth = layout.decode(reference[0].float())
+    hu, masks = layout.decode(x[0].float())
+    truth_hu, truth = layout.decode(reference[0].float())
+    rms = float((hu.float() - truth_hu.float()).pow(2).mean().sqrt())
     dice = [float(2 * (masks[n] & truth[n]).sum() / max(1, int(masks[n].sum() + truth[n].sum()))) for n in truth
             if truth[n].any()]
     return {"rms_hu": rms, "dice": statistics.mean(dice) if dice else float("nan")}

@@ -25,7 +25,6 @@ from MedSynLib.diffusion.schedules import TIME_SPACINGS
 from MedSynLib.evaluation.findings import detect_effusion
 from MedSynLib.hounsfield import MODEL_HU_RANGE
 from MedSynLib.pipeline import MedSynPipeline
-from MedSynLib.pipeline.channels import unit_to_hu
 from MedSynLib.pipeline.sampling import nearest_resize, run_sampler, super_resolution_output
 
 
@@ -66,13 +65,13 @@ def main() -> None:
         condition = nearest_resize(full[None, :, ::factor, ::factor, ::factor], dataset.size)
         spacing = pipeline.config.spacing_mm
         rows = {"truth": errors(truth, truth, case.masks, spacing),
-                "nearest upsampling": errors(unit_to_hu(condition[0, 0]).numpy(), truth, case.masks, spacing)}
+                "nearest upsampling": errors(layout.decode(condition[0])[0].numpy(), truth, case.masks, spacing)}
         output = super_resolution_output(stage2.network, condition, None)
         for steps in map(int, args.steps.split(",")):
             x_T = torch.randn(condition.shape, generator=torch.Generator().manual_seed(args.seed))
             with torch.inference_mode():
                 high = run_sampler("stage2", output, x_T, config, steps)
-            rows[f"stage 2, {steps} steps"] = errors(unit_to_hu(high[0, 0]).numpy(), truth, case.masks, spacing)
+            rows[f"stage 2, {steps} steps"] = errors(layout.decode(high[0])[0].numpy(), truth, case.masks, spacing)
         print(json.dumps({"case": dataset.case_ids[index],
                           **{k: {m: round(v, 1) for m, v in r.items()} for k, r in rows.items()}}), flush=True)
 
