@@ -424,3 +424,16 @@ def test_read_dicom_series_single_slice(tmp_path):
     shutil.copy(real_chest_ct_dir() / "1-01.dcm", tmp_path / "1-01.dcm")
     with pytest.raises(MedSynError, match="need a volume"):
         read_dicom_series(tmp_path)
+
+
+def test_airway_growing_from_a_seed_brighter_than_the_first_thresholds_does_not_fail():
+    """A generated CT's trachea may be brighter than -950 HU at the seed: the first thresholds
+    grow nothing, and the growing goes on from the next ones (it once raised IndexError)."""
+    from MedSynLib.data.segmentation.classical import ClassicalParameters, segment_airway
+
+    smooth = np.full((24, 24, 24), 40.0, dtype=np.float32)
+    smooth[:, 10:14, 10:14] = -900.0  # a tube darker than -900 HU, brighter than the start of -950
+    body = np.ones(smooth.shape, dtype=bool)
+    notes: list[str] = []
+    airway = segment_airway(smooth, body, (2.0, 2.0, 2.0), ClassicalParameters(), notes, seed=(0, 12, 12))
+    assert airway.shape == smooth.shape and airway[:, 10:14, 10:14].all() and not airway[:, :8].any()

@@ -379,9 +379,11 @@ class _Flood:
         return region, box
 
     def accept(self, region: np.ndarray, box) -> None:
-        """Centre the next step's box on this region."""
-        (zs, ys, xs) = (np.nonzero(region.any(axis=other))[0] for other in ((1, 2), (0, 2), (0, 1)))
-        found = (zs, ys, xs)
+        """Centre the next step's box on this region (an empty one, from a seed brighter than the
+        threshold, leaves the box as it is)."""
+        found = tuple(np.nonzero(region.any(axis=other))[0] for other in ((1, 2), (0, 2), (0, 1)))
+        if not found[0].size:
+            return
         self.box = tuple(
             slice(max(part.start + int(f[0]) - m, 0), min(part.start + int(f[-1]) + m + 1, n))
             for part, f, m, n in zip_strict(box, found, self.margin, self.shape)
