@@ -14,7 +14,11 @@
 # install (copy into the package and print the checksums for the model card).
 # TIME_LIMIT (minutes, default 0 = none) stops both trainings with a checkpoint; TRAIN_ARGS adds
 # key=value settings to both stages, e.g. TRAIN_ARGS="steps=2000"; STAGE1_ARGS and STAGE2_ARGS to
-# one, e.g. STAGE2_ARGS='network={"residual":true}' (settings are split at spaces).
+# one, e.g. STAGE2_ARGS='network={"residual":true}' (settings are split at spaces). RUNS and MODEL
+# name the run folder and the model folder under WORK (default runs, model), so that a fine-tune
+# of the recipe's model lives beside it, e.g. with the soft-tissue window channel added:
+#   RUNS=runs_window MODEL=model_window TRAIN_ARGS="init_weights=WORK/model ct_window=[-150,150]" \
+#     STEPS="train export" recipes/demo_model/make_demo_model.sh WORK
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 WORK=${1:-out/demo}
@@ -26,6 +30,8 @@ PYTHON=${PYTHON:-python}
 TIME_LIMIT=${TIME_LIMIT:-0}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 TRAIN_STAGES=${TRAIN_STAGES:-"stage1 stage2"}
+RUNS=${RUNS:-runs}
+MODEL=${MODEL:-model}
 SAMPLES=${SAMPLES:-16}
 SWEEP_SAMPLES=${SWEEP_SAMPLES:-4}
 ANATOMY_SAMPLES=${ANATOMY_SAMPLES:-8}
@@ -33,7 +39,7 @@ ANATOMY_SAMPLES=${ANATOMY_SAMPLES:-8}
 train() {  # stage dataset threads
   local own="${1^^}_ARGS"  # STAGE1_ARGS or STAGE2_ARGS
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=$3 "$PYTHON" -m MedSynLib.train "$1" --data "$WORK/$2" --out "$WORK/runs/$1" \
+  OMP_NUM_THREADS=$3 "$PYTHON" -m MedSynLib.train "$1" --data "$WORK/$2" --out "$WORK/$RUNS/$1" \
     --config "$HERE/$1.json" --resume time_limit_minutes="$TIME_LIMIT" $TRAIN_ARGS ${!own:-}
 }
 
@@ -62,20 +68,20 @@ for step in $STEPS; do
       for pid in "${pids[@]}"; do wait "$pid"; done
       ;;
     export)
-      "$PYTHON" -m MedSynLib.train export --run "$WORK/runs/stage1" --run "$WORK/runs/stage2" --out "$WORK/model"
+      "$PYTHON" -m MedSynLib.train export --run "$WORK/$RUNS/stage1" --run "$WORK/$RUNS/stage2" --out "$WORK/$MODEL"
       ;;
     evaluate)
-      "$PYTHON" -m MedSynLib.evaluation.control --model "$WORK/model" --out "$WORK/control" --samples "$SAMPLES" \
+      "$PYTHON" -m MedSynLib.evaluation.control --model "$WORK/$MODEL" --out "$WORK/control" --samples "$SAMPLES" \
         --anatomy-samples "$ANATOMY_SAMPLES" --workers "$WORKERS"
       # Guidance x stage-1 steps for the effusion and cardiomegaly prompts (sweep_prompts.txt).
-      "$PYTHON" -m MedSynLib.evaluation.control --model "$WORK/model" --out "$WORK/control_sweep" \
+      "$PYTHON" -m MedSynLib.evaluation.control --model "$WORK/$MODEL" --out "$WORK/control_sweep" \
         --prompts "$HERE/sweep_prompts.txt" --samples "$SWEEP_SAMPLES" --guidance 1,2,4 --steps 8,16 --workers "$WORKERS"
       ;;
     install)
-      cp "$WORK"/model/model_index.json "$HERE/../../MedSynLib/pretrained/default/"
+      cp "$WORK/$MODEL/model_index.json" "$HERE/../../MedSynLib/pretrained/default/"
       for part in stage1 stage2 text_encoder; do
         mkdir -p "$HERE/../../MedSynLib/pretrained/default/$part"
-        cp "$WORK/model/$part"/* "$HERE/../../MedSynLib/pretrained/default/$part/"
+        cp "$WORK/$MODEL/$part"/* "$HERE/../../MedSynLib/pretrained/default/$part/"
       done
       (cd "$HERE/../../MedSynLib/pretrained/default" && sha256sum model_index.json ./*/*.json ./*/*.safetensors)
       ;;
