@@ -76,9 +76,9 @@ def _random_masks(names, shape=(6, 6, 6), seed=0):
     return {n: torch.rand(shape, generator=generator) > 0.5 for n in names}
 
 
-@pytest.mark.parametrize("structures", ["lobes", "lungs"])
-def test_binary_encoding_round_trips_overlapping_masks(structures):
-    layout = ChannelLayout(STRUCTURE_SETS[structures])
+@pytest.mark.parametrize(("structures", "ct_window"), [("lobes", None), ("lungs", None), ("lobes", (-150, 150))])
+def test_binary_encoding_round_trips_overlapping_masks(structures, ct_window):
+    layout = ChannelLayout(STRUCTURE_SETS[structures], ct_window=ct_window)
     masks = _random_masks(layout.structures)
     ct = torch.randint(-1024, 600, (6, 6, 6))
     x = layout.encode(ct, masks)
@@ -102,18 +102,11 @@ def test_reference_encoding_is_four_channels_with_a_lobe_label():
         ChannelLayout(STRUCTURE_SETS["lungs"], "reference")
 
 
-def test_window_channel_round_trips_and_resolves_soft_tissue_five_times_finer():
+def test_window_channel_comes_second_and_resolves_soft_tissue_five_times_finer():
     layout = ChannelLayout(STRUCTURE_SETS["lobes"], ct_window=(-150, 150))
     assert layout.ct_channels == 2 and layout.num_channels == 2 + len(layout.structures)
     assert layout.channel_names[:3] == ("ct", "ct_window", layout.structures[0])
     assert layout.channels_of([layout.structures[0], "vessels"]) == [2, 1 + len(layout.structures)]
-    masks = _random_masks(layout.structures)
-    ct = torch.randint(-1024, 600, (6, 6, 6))
-    x = layout.encode(ct, masks)
-    assert x.shape == (layout.num_channels, 6, 6, 6) and x.abs().max() <= 1
-    ct_back, masks_back = layout.decode(x)
-    assert (ct_back.int() - ct.int()).abs().max() <= 1
-    assert all(torch.equal(masks_back[n], masks[n]) for n in layout.structures)
     fluid, muscle = layout.encode_ct(torch.tensor([10.0, 40.0]).view(2, 1, 1)).unbind(-3)
     assert (muscle - fluid)[1].item() == pytest.approx(0.2)  # 30 HU of a 300 HU window
     assert (muscle - fluid)[0].item() == pytest.approx(60 / 1624)

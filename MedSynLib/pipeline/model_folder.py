@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -69,7 +70,7 @@ class ModelConfig:
     # Array axes (0 = z, 1 = y, 2 = x) that the network's volumes hold reversed relative to LPS
     # (the reference's outputs are flipped along y before they are anatomically right).
     flip_axes: tuple[int, ...] = ()
-    ct_window: tuple[float, float] | None = None  # HU of the soft-tissue window channel (ChannelLayout)
+    ct_window: Optional[tuple[float, float]] = None  # HU of the soft-tissue window channel (ChannelLayout)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ct_window", check_ct_window(self.ct_window))
