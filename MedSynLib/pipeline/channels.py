@@ -5,8 +5,8 @@ reference (back to HU: 812 x - 212). A model may add a soft-tissue window channe
 (`ct_window`, e.g. -150..150 HU over [-1, 1]): one channel over 1,624 HU makes the 30 HU
 between fluid and muscle 0.037 units, which the diffusion noise hides early and the loss
 barely sees; in a 300 HU window they are 0.2 units apart. The decoded CT takes the window's
-HU where it is not saturated and the full range elsewhere. The anatomy follows in one of two
-encodings:
+HU where both channels place a voxel inside the window and the full range's elsewhere. The
+anatomy follows in one of two encodings:
 - "binary" (default): one channel per structure, 1 inside and -1 outside. Overlaps are
   fine and every structure is decoded independently (x > 0).
 - "reference": the reference implementation's 4 channels (CT, lobe label, airway,
