@@ -143,6 +143,7 @@ def number_argument(low: float, high: float) -> Callable[[str], float]:
 STEPS = integer_argument(1, MAX_STEPS)
 SEED = integer_argument(0, MAX_SEED)
 GUIDANCE = number_argument(0.0, 100.0)
+LOWPASS_VOXELS = number_argument(0.0, 64.0)  # a Gaussian's sigma in voxels; 0 = off
 WORKERS = integer_argument(1, 256)
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from MedSynLib.diffusion.consistency import LowFrequencyConsistency, gaussian_blur, interpolate_samples
 from MedSynLib.diffusion.objective import DiffusionObjective, training_target
 from MedSynLib.diffusion.samplers import SAMPLERS, classifier_free_guidance, denoise_loop, make_sampler
 from MedSynLib.diffusion.schedules import (
@@ -199,3 +200,43 @@ def test_reference_ddim_loop_matches_a_direct_computation_of_the_reference_loop(
 def test_reference_ddim_loop_refuses_more_steps_than_the_reference_has():
     with pytest.raises(ValueError, match="1 to 1000 steps"):
         make_sampler("ddim_reference", CosineSchedule(), 1001)
+
+
+def test_gaussian_blur_keeps_constants_and_sums_a_point_to_one():
+    constant = torch.full((1, 2, 6, 7, 8), 0.3)
+    assert torch.allclose(gaussian_blur(constant, 1.5), constant, atol=1e-6)
+    point = torch.zeros(1, 1, 15, 15, 15)
+    point[0, 0, 7, 7, 7] = 1.0
+    blurred = gaussian_blur(point, 1.5)
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert blurred[0, 0, 7, 7, 7] < 0.1 and torch.allclose(blurred, blurred.flip([2, 3, 4]), atol=1e-7)
+
+
+def test_sample_interpolation_goes_through_the_sampled_voxels():
+    low = torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    up = interpolate_samples(low, 4)
+    assert up.shape == (1, 2, 16, 16, 16)
+    assert torch.allclose(up[..., ::4, ::4, ::4], low, atol=1e-6)
+    assert torch.allclose(up[..., 2, 0, 0], (low[..., 0, 0, 0] + low[..., 1, 0, 0]) / 2, atol=1e-6)
+    assert torch.equal(up[..., 13:, :, :], up[..., 12:13, :, :].expand_as(up[..., 13:, :, :]))  # past the last sample
+
+
+def test_low_frequency_consistency_removes_a_bias_and_keeps_detail_and_anatomy():
+    generator = torch.Generator().manual_seed(1)
+    low = gaussian_blur(torch.randn(1, 3, 8, 8, 8, generator=generator), 1.0)
+    truth = interpolate_samples(low, 2)
+    z, y, x = torch.meshgrid(*(torch.arange(16),) * 3, indexing="ij")
+    detail = 0.05 * (-1.0) ** (z + y + x)  # the finest pattern the grid holds: above any low-pass band
+    x0 = truth + 0.3 + detail
+    corrected = LowFrequencyConsistency(low, 2, ct_channels=2, sigma=1.5)(x0)
+    inside = (slice(None), slice(None), *(slice(5, 11),) * 3)  # away from the replicated edges
+    assert torch.allclose(corrected[:, :2][inside], (truth + detail)[:, :2][inside], atol=2e-3)
+    assert torch.equal(corrected[:, 2:], x0[:, 2:])  # anatomy channels are not touched
+    with pytest.raises(ValueError, match="sigma"):
+        LowFrequencyConsistency(low, 2, ct_channels=2, sigma=0.0)
+
+
+def test_lowres_consistency_is_validated():
+    assert DiffusionConfig().lowres_consistency == 0.0
+    with pytest.raises(ValueError, match="lowres_consistency"):
+        DiffusionConfig(lowres_consistency=-1.0)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from MedSynLib.diffusion.consistency import gaussian_blur, interpolate_samples
 from MedSynLib.errors import MedSynError
 from MedSynLib.pipeline.generation import MedSynPipeline
-from MedSynLib.pipeline.sampling import resolve_device, resolve_dtype
+from MedSynLib.pipeline.sampling import resolve_device, resolve_dtype, super_resolve
 from MedSynLib.pipeline.tiling import DEFAULT_TILING, Tiling, apply_network, automatic_tiling
 
 REPORT = "Small left pleural effusion. No nodules."
@@ -187,3 +188,30 @@ def test_devices_are_checked(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(MedSynError, match="unknown device"):
         resolve_device("tpu9")
+
+
+def test_stage2_consistency_is_deterministic_recorded_and_checked(tiny_pipeline, result):
+    kept = tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, stage2_consistency=1.5)
+    assert kept.metadata["stage2_consistency"] == 1.5 and result.metadata["stage2_consistency"] == 0.0
+    assert not np.array_equal(kept.ct_hu, result.ct_hu)
+    assert np.array_equal(kept.ct_hu, tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, stage2_consistency=1.5).ct_hu)
+    with pytest.raises(MedSynError, match="consistency"):
+        tiny_pipeline.generate(REPORT, seed=3, stage2_consistency=-1.0)
+
+
+def test_stage2_consistency_keeps_the_low_frequencies_of_the_low_res_volume(tiny_pipeline):
+    stage2, layout = tiny_pipeline.stage2, tiny_pipeline.config.layout
+    size, low_size = stage2.config.size, tiny_pipeline.stage1.config.size
+    generator = torch.Generator().manual_seed(0)
+    low = (0.5 * gaussian_blur(torch.randn(1, layout.num_channels, *(low_size,) * 3, generator=generator), 1.0)).clamp(-1, 1)
+    x_T = torch.randn(1, layout.num_channels, *(size,) * 3, generator=generator)
+    target = gaussian_blur(interpolate_samples(low[:, :1], size // low_size), 1.5)
+
+    def low_frequency_error(consistency):
+        with torch.inference_mode():
+            high = super_resolve(stage2.network, stage2.config, low, x_T, 2, ct_channels=layout.ct_channels,
+                                 consistency=consistency)
+        return (gaussian_blur(high[:, :1], 1.5) - target).abs().mean().item()
+
+    free, kept = low_frequency_error(0.0), low_frequency_error(1.5)
+    assert kept < 0.3 * free and kept < 0.02  # the untrained network's output is its own; the band is stage 1's

@@ -20,12 +20,7 @@ import torch
 from MedSynLib.diffusion.schedules import TIME_SPACINGS
 from MedSynLib.evaluation.findings import detect_effusion
 from MedSynLib.pipeline import MedSynPipeline
-from MedSynLib.pipeline.sampling import (
-    nearest_resize,
-    run_sampler,
-    super_resolution_output,
-    text_guided_output,
-)
+from MedSynLib.pipeline.sampling import nearest_resize, run_sampler, super_resolve, text_guided_output
 
 REPORTS = {
     "left": "Findings: Moderate left pleural effusion. No pulmonary nodules. Normal heart size.",
@@ -47,12 +42,14 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=1000, help="seeds not used by evaluation.control")
     parser.add_argument("--stage2-steps", type=int, default=None)
     parser.add_argument("--stage2-time-spacing", choices=TIME_SPACINGS, default=None)
+    parser.add_argument("--stage2-consistency", type=float, default=None, help="low-pass sigma (voxels); default: the model's")
     args = parser.parse_args()
     pipeline = MedSynPipeline.from_pretrained(args.model)
     s1, s2 = pipeline.stage1.config, pipeline.stage2.config
     if args.stage2_time_spacing:
         s2 = replace(s2, diffusion=replace(s2.diffusion, time_spacing=args.stage2_time_spacing))
-    channels = pipeline.config.layout.num_channels
+    channels, ct_channels = pipeline.config.layout.num_channels, pipeline.config.layout.ct_channels
+    consistency = s2.diffusion.lowres_consistency if args.stage2_consistency is None else args.stage2_consistency
     summary = {}
     for name, report in REPORTS.items():
         text = pipeline.encode_report(report)
@@ -63,11 +60,11 @@ def main() -> None:
             with torch.inference_mode():
                 x_T = torch.randn((1, channels) + (s1.size,) * 3, generator=generator)
                 low = run_sampler("stage1", stage1_output, x_T, s1, s1.diffusion.num_steps)
-                condition = nearest_resize(low.clamp(-1, 1), s2.size)
-                x_T = torch.randn(condition.shape, generator=generator)
-                high = run_sampler("stage2", super_resolution_output(pipeline.stage2.network, condition, None), x_T,
-                                   s2, args.stage2_steps or s2.diffusion.num_steps)
-            rows.append({"seed": seed, "stage1": detect(pipeline, condition), "stage2": detect(pipeline, high)})
+                x_T = torch.randn((1, channels) + (s2.size,) * 3, generator=generator)
+                high = super_resolve(pipeline.stage2.network, s2, low, x_T, args.stage2_steps or s2.diffusion.num_steps,
+                                     ct_channels=ct_channels, consistency=consistency)
+            upsampled = nearest_resize(low.clamp(-1, 1), s2.size)
+            rows.append({"seed": seed, "stage1": detect(pipeline, upsampled), "stage2": detect(pipeline, high)})
             print(json.dumps({"report": name, **rows[-1]}), flush=True)
         summary[name] = {stage: {side: float(np.mean([r[stage]["side"] == side for r in rows])) for side in ("left", "right")}
                          for stage in ("stage1", "stage2")}

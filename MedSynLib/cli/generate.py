@@ -20,6 +20,7 @@ from MedSynLib.errors import (
     EXISTING_FILE,
     EXISTING_FOLDER,
     GUIDANCE,
+    LOWPASS_VOXELS,
     OUTPUT_FOLDER,
     SEED,
     STEPS,
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=GUIDANCE, default=None, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                         help="default: the model's (ddim_reference for converted reference models)")
+    parser.add_argument("--stage2-consistency", type=LOWPASS_VOXELS, default=None, metavar="SIGMA",
+                        help="keep stage 1's CT below a Gaussian low-pass of SIGMA output voxels in stage 2 "
+                             "(0 = off; default: the model's)")
     parser.add_argument("--anatomy", type=EXISTING_FILE, default=None,
                         help="label map (anatomy label values) or .seg.nrrd to generate a CT for; "
                              "the result is returned on its grid")
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = pipeline.generate(
         report, seed=args.seed, steps=args.steps, stage2_steps=args.stage2_steps, guidance=args.guidance,
-        sampler=args.sampler, anatomy=anatomy, geometry=grid, device=device, dtype=args.dtype, tiling=tiling,
+        sampler=args.sampler, stage2_consistency=args.stage2_consistency, anatomy=anatomy, geometry=grid, device=device, dtype=args.dtype, tiling=tiling,
         progress=progress,
     )
     if given_geometry is not None:

@@ -74,6 +74,9 @@ class DiffusionConfig:
     time_spacing: str = "uniform"  # or "quadratic": the sampler's times (see samplers.Sampler.set_timesteps)
     guidance_scale: float = 1.0
     clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the reference does
+    # Stage 2: sigma (output voxels) of the low-pass its CT shares with stage 1's volume; 0 = off
+    # (diffusion.consistency.LowFrequencyConsistency).
+    lowres_consistency: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -84,6 +87,8 @@ class DiffusionConfig:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.time_spacing not in TIME_SPACINGS:
             raise ValueError(f"time_spacing must be one of {TIME_SPACINGS}, got {self.time_spacing!r}")
+        if not self.lowres_consistency >= 0:
+            raise ValueError(f"lowres_consistency must be >= 0 voxels, got {self.lowres_consistency}")
 
     def make_schedule(self) -> NoiseSchedule:
         return SCHEDULES[self.schedule]()

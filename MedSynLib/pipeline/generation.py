@@ -33,7 +33,7 @@ from MedSynLib.pipeline.sampling import (
     resolve_device,
     resolve_dtype,
     run_sampler,
-    super_resolution_output,
+    super_resolve,
     text_guided_output,
 )
 from MedSynLib.pipeline.tiling import Tiling, automatic_tiling, available_memory
@@ -166,6 +166,7 @@ class MedSynPipeline:
         stage2_steps: int | None = None,
         guidance: float | None = None,
         sampler: str | None = None,
+        stage2_consistency: float | None = None,
         anatomy: dict[str, np.ndarray] | None = None,
         geometry: Geometry | None = None,
         device: str | torch.device = "cpu",
@@ -176,6 +177,8 @@ class MedSynPipeline:
     ) -> GenerationResult:
         """Generate one CT and its anatomy.
 
+        stage2_consistency: sigma (output voxels) of the low-pass that stage 2's CT shares with
+            stage 1's (diffusion.consistency); 0 = off, None = the stage-2 config's.
         anatomy: boolean masks on the output grid (stage-2 size cubed) that the result must keep;
             structures left out (or empty) are generated freely.
         geometry: physical grid of the output (default: the model's nominal spacing, centred).
@@ -191,6 +194,10 @@ class MedSynPipeline:
         guidance = self.stage1.config.diffusion.guidance_scale if guidance is None else guidance
         steps = steps or self.stage1.config.diffusion.num_steps
         stage2_steps = stage2_steps or self.stage2.config.diffusion.num_steps
+        if stage2_consistency is None:
+            stage2_consistency = self.stage2.config.diffusion.lowres_consistency
+        if not stage2_consistency >= 0:
+            raise MedSynError(f"stage-2 consistency must be >= 0 voxels, got {stage2_consistency}")
         layout, timings = self.config.layout, {}
         generator = torch.Generator().manual_seed(seed)  # CPU noise: the same seed gives the same noise on any device
 
@@ -223,11 +230,10 @@ class MedSynPipeline:
         # 5. Stage 2: x_T at the output size, conditioned on the nearest-upsampled stage-1 volume.
         start = time.perf_counter()
         s2 = self.stage2.config
-        condition = nearest_resize(low.clamp(-1, 1), s2.size)
         x_T = torch.randn((1, layout.num_channels) + (s2.size,) * 3, generator=generator).to(device)
-        stage2_output = super_resolution_output(self.stage2.network, condition, tiling)
-        high = run_sampler("stage2", stage2_output, x_T, s2, stage2_steps, sampler_name=sampler, anatomy=anatomy_high,
-                           dtype=dtype, progress=progress)
+        high = super_resolve(self.stage2.network, s2, low, x_T, stage2_steps, ct_channels=layout.ct_channels,
+                             consistency=stage2_consistency, tiling=tiling, sampler_name=sampler,
+                             anatomy=anatomy_high, dtype=dtype, progress=progress)
         timings["stage2_s"] = time.perf_counter() - start
 
         # 6. Decode: CT channel -> HU, anatomy channels -> masks.
@@ -240,6 +246,7 @@ class MedSynPipeline:
             "steps": {"stage1": steps, "stage2": stage2_steps},
             "guidance": guidance,
             "sampler": sampler or s1.diffusion.sampler,
+            "stage2_consistency": stage2_consistency,
             "anatomy_given": sorted(n for n, m in (anatomy or {}).items() if m.any()),
             "model": self.source,
             "model_trained": self.config.trained,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from MedSynLib.diffusion.consistency import LowFrequencyConsistency
 from MedSynLib.diffusion.samplers import classifier_free_guidance, denoise_loop, make_sampler
 from MedSynLib.diffusion.schedules import prediction_to_x0
 from MedSynLib.errors import MedSynError
@@ -104,10 +105,11 @@ def run_sampler(
     *,
     sampler_name: str | None = None,
     anatomy: tuple[list[int], torch.Tensor] | None = None,
+    x0_correction: Callable[[torch.Tensor], torch.Tensor] | None = None,
     dtype: str = "float32",
     progress: ProgressCallback | None = None,
 ) -> torch.Tensor:
-    """Run one stage's sampler; x0 is clipped and, if given, anatomy channels are imposed.
+    """Run one stage's sampler; x0 is corrected (if asked), clipped and, if given, anatomy channels are imposed.
 
     anatomy: None or (channel indices, their values as anatomy channels (1, C - CT channels, D, H, W)).
     """
@@ -126,6 +128,8 @@ def run_sampler(
         with autocast:
             output = output_fn(x, t)
         x0 = prediction_to_x0(output.float(), x, t, schedule, diffusion.prediction_type)
+        if x0_correction is not None:
+            x0 = x0_correction(x0)
         if diffusion.clip_x0:
             x0 = x0.clamp(-1, 1)
         return x0 if anatomy is None else torch.where(keep, target, x0)
@@ -144,3 +148,29 @@ def run_sampler(
     return denoise_loop(
         x0_fn, x_T, sampler, after_step=impose_anatomy if anatomy is not None else None, progress=report_progress
     )
+
+
+def super_resolve(
+    network: UNet3D,
+    config: StageConfig,
+    low: torch.Tensor,
+    x_T: torch.Tensor,
+    steps: int,
+    *,
+    ct_channels: int,
+    consistency: float = 0.0,
+    tiling: Tiling | None = None,
+    **sampler_options,
+) -> torch.Tensor:
+    """Stage 2: x_T at the output size -> x_0, conditioned on the nearest-upsampled low-res volume.
+
+    consistency: sigma (output voxels) of the low-pass the CT channels share with `low`; 0 = off.
+    sampler_options: run_sampler's sampler_name, anatomy, dtype, progress.
+    """
+    low = low.clamp(-1, 1)
+    condition = nearest_resize(low, config.size)
+    correction = None
+    if consistency:
+        correction = LowFrequencyConsistency(low, config.size // low.shape[-1], ct_channels, consistency)
+    output = super_resolution_output(network, condition, tiling)
+    return run_sampler("stage2", output, x_T, config, steps, x0_correction=correction, **sampler_options)
