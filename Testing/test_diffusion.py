@@ -228,12 +228,22 @@ def test_low_frequency_consistency_removes_a_bias_and_keeps_detail_and_anatomy()
     z, y, x = torch.meshgrid(*(torch.arange(16),) * 3, indexing="ij")
     detail = 0.05 * (-1.0) ** (z + y + x)  # the finest pattern the grid holds: above any low-pass band
     x0 = truth + 0.3 + detail
-    corrected = LowFrequencyConsistency(low, 2, ct_channels=2, sigma=1.5)(x0)
+    corrected = LowFrequencyConsistency(low, 2, channels=[0, 1], sigma=1.5)(x0)
     inside = (slice(None), slice(None), *(slice(5, 11),) * 3)  # away from the replicated edges
     assert torch.allclose(corrected[:, :2][inside], (truth + detail)[:, :2][inside], atol=2e-3)
-    assert torch.equal(corrected[:, 2:], x0[:, 2:])  # anatomy channels are not touched
+    assert torch.equal(corrected[:, 2:], x0[:, 2:])  # other channels are not touched
     with pytest.raises(ValueError, match="sigma"):
-        LowFrequencyConsistency(low, 2, ct_channels=2, sigma=0.0)
+        LowFrequencyConsistency(low, 2, channels=[0, 1], sigma=0.0)
+
+
+def test_low_frequency_consistency_leaves_thin_structures_to_stage2():
+    low = torch.zeros(1, 2, 8, 8, 8)
+    x0 = torch.full((1, 2, 16, 16, 16), 0.5)
+    x0[:, 1] = -1.0
+    x0[:, 1, 8, 8, 8] = 1.0  # one airway voxel in the x0 estimate
+    corrected = LowFrequencyConsistency(low, 2, channels=[0], sigma=1.5, exempt=[1])(x0)
+    assert torch.equal(corrected[0, 0, 7:10, 7:10, 7:10], x0[0, 0, 7:10, 7:10, 7:10])  # the voxel and its neighbours
+    assert corrected[0, 0, 8, 8, 11].item() == pytest.approx(0.0, abs=1e-5)  # elsewhere the bias goes
 
 
 def test_lowres_consistency_is_validated():

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from MedSynLib.diffusion.consistency import gaussian_blur, interpolate_samples
+from MedSynLib.diffusion.consistency import LowFrequencyConsistency, gaussian_blur, interpolate_samples
 from MedSynLib.errors import MedSynError
+from MedSynLib.pipeline import sampling
 from MedSynLib.pipeline.generation import MedSynPipeline
 from MedSynLib.pipeline.sampling import resolve_device, resolve_dtype, super_resolve
 from MedSynLib.pipeline.tiling import DEFAULT_TILING, Tiling, apply_network, automatic_tiling
@@ -190,10 +191,20 @@ def test_devices_are_checked(monkeypatch):
         resolve_device("tpu9")
 
 
-def test_stage2_consistency_is_deterministic_recorded_and_checked(tiny_pipeline, result):
+def test_stage2_consistency_is_wired_deterministic_recorded_and_checked(tiny_pipeline, result, monkeypatch):
+    made = []
+
+    def recorded(*args, **kwargs):
+        made.append(LowFrequencyConsistency(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sampling, "LowFrequencyConsistency", recorded)
     kept = tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, stage2_consistency=1.5)
+    layout = tiny_pipeline.config.layout
+    assert [(c.channels, c.exempt, c.sigma) for c in made] == [
+        (list(range(layout.ct_channels)), layout.thin_structure_channels, 1.5)]
+    assert layout.thin_structure_channels == layout.channels_of(["airway", "vessels"])
     assert kept.metadata["stage2_consistency"] == 1.5 and result.metadata["stage2_consistency"] == 0.0
-    assert not np.array_equal(kept.ct_hu, result.ct_hu)
     assert np.array_equal(kept.ct_hu, tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, stage2_consistency=1.5).ct_hu)
     with pytest.raises(MedSynError, match="consistency"):
         tiny_pipeline.generate(REPORT, seed=3, stage2_consistency=-1.0)

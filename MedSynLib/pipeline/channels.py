@@ -72,6 +72,12 @@ class ChannelLayout:
         return 1 if self.ct_window is None else 2
 
     @property
+    def thin_structure_channels(self) -> list[int]:
+        """The channels of the structures thinner than a stage-1 voxel (airway, vessels): where
+        they are, stage 2's CT need not follow stage 1's low frequencies (diffusion.consistency)."""
+        return self.channels_of([name for name in ("airway", "vessels") if name in self.structures])
+
+    @property
     def num_channels(self) -> int:
         return 4 if self.encoding == "reference" else self.ct_channels + len(self.structures)
 

@@ -3,7 +3,7 @@ network outputs (guidance, tiling) and one stage's sampler run with clipping and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -157,20 +157,23 @@ def super_resolve(
     x_T: torch.Tensor,
     steps: int,
     *,
-    ct_channels: int,
+    ct_channels: int = 1,
+    exempt_channels: Sequence[int] = (),
     consistency: float = 0.0,
     tiling: Tiling | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """Stage 2: x_T at the output size -> x_0, conditioned on the nearest-upsampled low-res volume.
 
-    consistency: sigma (output voxels) of the low-pass the CT channels share with `low`; 0 = off.
+    consistency: sigma (output voxels) of the low-pass the CT channels share with `low`; 0 = off; not
+        where `exempt_channels` (masks of structures stage 1 cannot hold) lie.
     sampler_options: run_sampler's sampler_name, anatomy, dtype, progress.
     """
     low = low.clamp(-1, 1)
     condition = nearest_resize(low, config.size)
     correction = None
     if consistency:
-        correction = LowFrequencyConsistency(low, config.size // low.shape[-1], ct_channels, consistency)
+        correction = LowFrequencyConsistency(low, config.size // low.shape[-1], range(ct_channels), consistency,
+                                             exempt_channels)
     output = super_resolution_output(network, condition, tiling)
     return run_sampler("stage2", output, x_T, config, steps, x0_correction=correction, **sampler_options)
