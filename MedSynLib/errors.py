@@ -22,6 +22,7 @@ from pathlib import Path
 MAX_STEPS = 1000  # sampling steps: the reference trains on 1000 times; more steps only take longer
 MAX_SEED = 2**32 - 1  # what every random generator used here (torch, numpy) accepts
 MAX_MESSAGE = 400  # characters of one error line
+MAX_LOWPASS_VOXELS = 64.0  # a Gaussian low-pass's sigma (stage-2 consistency): wider is the whole volume
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -143,7 +144,7 @@ def number_argument(low: float, high: float) -> Callable[[str], float]:
 STEPS = integer_argument(1, MAX_STEPS)
 SEED = integer_argument(0, MAX_SEED)
 GUIDANCE = number_argument(0.0, 100.0)
-LOWPASS_VOXELS = number_argument(0.0, 64.0)  # a Gaussian's sigma in voxels; 0 = off
+LOWPASS_VOXELS = number_argument(0.0, MAX_LOWPASS_VOXELS)  # a Gaussian's sigma in voxels; 0 = off
 WORKERS = integer_argument(1, 256)
 
 

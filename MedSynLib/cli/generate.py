@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = pipeline.generate(
         report, seed=args.seed, steps=args.steps, stage2_steps=args.stage2_steps, guidance=args.guidance,
-        sampler=args.sampler, stage2_consistency=args.stage2_consistency, anatomy=anatomy, geometry=grid, device=device, dtype=args.dtype, tiling=tiling,
-        progress=progress,
+        sampler=args.sampler, stage2_consistency=args.stage2_consistency, anatomy=anatomy, geometry=grid,
+        device=device, dtype=args.dtype, tiling=tiling, progress=progress,
     )
     if given_geometry is not None:
         result = back_to_grid(result, given_geometry)

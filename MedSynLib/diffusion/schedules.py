@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from MedSynLib.errors import MAX_LOWPASS_VOXELS, check_number
+
 PREDICTION_TYPES = ("x0", "epsilon", "v")
 
 
@@ -87,8 +89,7 @@ class DiffusionConfig:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.time_spacing not in TIME_SPACINGS:
             raise ValueError(f"time_spacing must be one of {TIME_SPACINGS}, got {self.time_spacing!r}")
-        if not self.lowres_consistency >= 0:
-            raise ValueError(f"lowres_consistency must be >= 0 voxels, got {self.lowres_consistency}")
+        check_number("lowres_consistency", self.lowres_consistency, 0.0, MAX_LOWPASS_VOXELS)
 
     def make_schedule(self) -> NoiseSchedule:
         return SCHEDULES[self.schedule]()

@@ -16,7 +16,7 @@ import torch
 from MedSynLib import __version__
 from MedSynLib.anatomy import masks_to_label_map
 from MedSynLib.configuration import config_from_dict, config_to_dict, read_json, write_json
-from MedSynLib.errors import MedSynError, require_path
+from MedSynLib.errors import MAX_LOWPASS_VOXELS, MedSynError, check_number, require_path
 from MedSynLib.geometry import Geometry
 from MedSynLib.pipeline.channels import masks_to_numpy
 from MedSynLib.pipeline.model_folder import (
@@ -196,8 +196,10 @@ class MedSynPipeline:
         stage2_steps = stage2_steps or self.stage2.config.diffusion.num_steps
         if stage2_consistency is None:
             stage2_consistency = self.stage2.config.diffusion.lowres_consistency
-        if not stage2_consistency >= 0:
-            raise MedSynError(f"stage-2 consistency must be >= 0 voxels, got {stage2_consistency}")
+        try:
+            check_number("stage2_consistency", stage2_consistency, 0.0, MAX_LOWPASS_VOXELS)
+        except ValueError as error:
+            raise MedSynError(str(error)) from error
         layout, timings = self.config.layout, {}
         generator = torch.Generator().manual_seed(seed)  # CPU noise: the same seed gives the same noise on any device
 
