@@ -246,6 +246,22 @@ def test_low_frequency_consistency_leaves_thin_structures_to_stage2():
     assert corrected[0, 0, 8, 8, 11].item() == pytest.approx(0.0, abs=1e-5)  # elsewhere the bias goes
 
 
+def test_tissue_wise_consistency_keeps_the_lung_edge_sharp_and_the_lungs_where_stage1_has_them():
+    low = torch.full((1, 2, 8, 8, 8), 0.1)  # channel 0 CT, channel 1 lung mask
+    low[:, 0, :, :, :4], low[:, 1, :, :, :4], low[:, 1, :, :, 4:] = -0.9, 1.0, -1.0  # lung on the low x side
+    x0 = torch.full((1, 2, 16, 16, 16), 0.4)  # stage 2: a tissue bias of +0.3 ...
+    x0[:, 0, :, :, :8], x0[:, 1, :, :, :8], x0[:, 1, :, :, 8:] = -0.6, 1.0, -1.0  # ... and +0.3 in the lung
+    x0[:, 1, :, :, 8:10] = 1.0  # and its lung reaches two voxels too far
+    tissue_wise = LowFrequencyConsistency(low, 2, channels=[0], sigma=1.0, tissue=[1])(x0)
+    middle = (0, 0, 8, 8)
+    assert torch.allclose(tissue_wise[middle][:6], torch.full((6,), -0.9), atol=1e-3)  # lung density: stage 1's
+    assert torch.allclose(tissue_wise[middle][12:], torch.full((4,), 0.1), atol=1e-3)  # tissue density: stage 1's
+    lung_edge = int((tissue_wise[0, 1, 8, 8] > 0).float().sum())  # lung voxels along x
+    assert lung_edge < 10  # the mask went back toward stage 1's edge (voxel 7 interpolated)
+    step = tissue_wise[middle][lung_edge] - tissue_wise[middle][lung_edge - 1]
+    assert step.item() > 0.9  # one voxel from lung to tissue density, not a ramp
+
+
 def test_lowres_consistency_is_validated():
     assert DiffusionConfig().lowres_consistency == 0.0
     with pytest.raises(ValueError, match="lowres_consistency"):

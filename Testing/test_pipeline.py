@@ -201,9 +201,10 @@ def test_stage2_consistency_is_wired_deterministic_recorded_and_checked(tiny_pip
     monkeypatch.setattr(sampling, "LowFrequencyConsistency", recorded)
     kept = tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, stage2_consistency=1.5)
     layout = tiny_pipeline.config.layout
-    assert [(c.channels, c.exempt, c.sigma) for c in made] == [
-        (list(range(layout.ct_channels)), layout.thin_structure_channels, 1.5)]
+    assert [(c.channels, c.exempt, c.tissue, c.sigma) for c in made] == [
+        (list(range(layout.ct_channels)), layout.thin_structure_channels, layout.lung_channels, 1.5)]
     assert layout.thin_structure_channels == layout.channels_of(["airway", "vessels"])
+    assert layout.lung_channels == layout.channels_of([s for s in layout.structures if s not in ("airway", "vessels")])
     assert kept.metadata["stage2_consistency"] == 1.5 and result.metadata["stage2_consistency"] == 0.0
     assert np.array_equal(kept.ct_hu, tiny_pipeline.generate(REPORT, seed=3, guidance=2.0, stage2_consistency=1.5).ct_hu)
     with pytest.raises(MedSynError, match="consistency"):

@@ -48,7 +48,8 @@ def main() -> None:
     s1, s2 = pipeline.stage1.config, pipeline.stage2.config
     if args.stage2_time_spacing:
         s2 = replace(s2, diffusion=replace(s2.diffusion, time_spacing=args.stage2_time_spacing))
-    channels = pipeline.config.layout.num_channels
+    layout = pipeline.config.layout
+    channels = layout.num_channels
     consistency = s2.diffusion.lowres_consistency if args.stage2_consistency is None else args.stage2_consistency
     summary = {}
     for name, report in REPORTS.items():
@@ -62,8 +63,8 @@ def main() -> None:
                 low = run_sampler("stage1", stage1_output, x_T, s1, s1.diffusion.num_steps)
                 x_T = torch.randn((1, channels) + (s2.size,) * 3, generator=generator)
                 high = super_resolve(pipeline.stage2.network, s2, low, x_T, args.stage2_steps or s2.diffusion.num_steps,
-                                     ct_channels=pipeline.config.layout.ct_channels,
-                                     exempt_channels=pipeline.config.layout.thin_structure_channels, consistency=consistency)
+                                     ct_channels=layout.ct_channels, exempt_channels=layout.thin_structure_channels,
+                                     lung_channels=layout.lung_channels, consistency=consistency)
             upsampled = nearest_resize(low.clamp(-1, 1), s2.size)
             rows.append({"seed": seed, "stage1": detect(pipeline, upsampled), "stage2": detect(pipeline, high)})
             print(json.dumps({"report": name, **rows[-1]}), flush=True)

@@ -75,7 +75,8 @@ def main() -> None:
                 x_T = torch.randn(condition.shape, generator=torch.Generator().manual_seed(args.seed))
                 with torch.inference_mode():
                     high = super_resolve(stage2.network, config, low, x_T, steps, ct_channels=layout.ct_channels,
-                                         exempt_channels=layout.thin_structure_channels, consistency=sigma)
+                                         exempt_channels=layout.thin_structure_channels,
+                                         lung_channels=layout.lung_channels, consistency=sigma)
                 name = f"stage 2, {steps} steps" + (f", consistency {sigma:g}" if sigma else "")
                 rows[name] = errors(layout.decode(high[0])[0].numpy(), truth, case.masks, spacing)
         print(json.dumps({"case": dataset.case_ids[index],

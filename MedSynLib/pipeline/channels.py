@@ -78,6 +78,14 @@ class ChannelLayout:
         return self.channels_of([name for name in ("airway", "vessels") if name in self.structures])
 
     @property
+    def lung_channels(self) -> list[int]:
+        """The binary-encoded lung and lobe channels: where stage 2's CT takes stage 1's lung and
+        tissue densities apart (diffusion.consistency); none for the reference's lobe-label encoding."""
+        if self.encoding != "binary":
+            return []
+        return self.channels_of([name for name in self.structures if name in (*LOBES, "left_lung", "right_lung")])
+
+    @property
     def num_channels(self) -> int:
         return 4 if self.encoding == "reference" else self.ct_channels + len(self.structures)
 

@@ -234,7 +234,7 @@ class MedSynPipeline:
         s2 = self.stage2.config
         x_T = torch.randn((1, layout.num_channels) + (s2.size,) * 3, generator=generator).to(device)
         high = super_resolve(self.stage2.network, s2, low, x_T, stage2_steps, ct_channels=layout.ct_channels,
-                             exempt_channels=layout.thin_structure_channels,
+                             exempt_channels=layout.thin_structure_channels, lung_channels=layout.lung_channels,
                              consistency=stage2_consistency, tiling=tiling, sampler_name=sampler,
                              anatomy=anatomy_high, dtype=dtype, progress=progress)
         timings["stage2_s"] = time.perf_counter() - start

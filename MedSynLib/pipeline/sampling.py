@@ -159,6 +159,7 @@ def super_resolve(
     *,
     ct_channels: int = 1,
     exempt_channels: Sequence[int] = (),
+    lung_channels: Sequence[int] = (),
     consistency: float = 0.0,
     tiling: Tiling | None = None,
     **sampler_options,
@@ -166,7 +167,8 @@ def super_resolve(
     """Stage 2: x_T at the output size -> x_0, conditioned on the nearest-upsampled low-res volume.
 
     consistency: sigma (output voxels) of the low-pass the CT channels share with `low`; 0 = off; not
-        where `exempt_channels` (masks of structures stage 1 cannot hold) lie.
+        where `exempt_channels` (masks of structures stage 1 cannot hold) lie; inside and outside
+        the lungs apart when `lung_channels` are given, whose own low frequencies follow `low`.
     sampler_options: run_sampler's sampler_name, anatomy, dtype, progress.
     """
     low = low.clamp(-1, 1)
@@ -174,6 +176,6 @@ def super_resolve(
     correction = None
     if consistency:
         correction = LowFrequencyConsistency(low, config.size // low.shape[-1], range(ct_channels), consistency,
-                                             exempt_channels)
+                                             exempt_channels, lung_channels)
     output = super_resolution_output(network, condition, tiling)
     return run_sampler("stage2", output, x_T, config, steps, x0_correction=correction, **sampler_options)
