@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from MedSynLib.anatomy import LEFT_LOBES, RIGHT_LOBES, standard_masks
+from MedSynLib.evaluation.findings import detect_effusion
 from MedSynLib.pipeline.generation import MedSynPipeline
 from MedSynLib.pipeline.model_folder import EMBEDDED_MODEL
 from MedSynLib.text_encoder import EMBEDDED_ENCODER
@@ -63,22 +64,41 @@ def test_a_short_generation_draws_air_filled_lungs_on_their_sides_inside_a_body(
     assert result.masks["airway"].any() and result.masks["vessels"].any()  # stage 2 learned the thin structures
 
 
-def lung_ml(shipped, report: str, seed: int = 0) -> dict[str, float]:
+REPORTS = {
+    "left": "Findings: Moderate left pleural effusion. No pulmonary nodules. Normal heart size. "
+            "Impression: Left pleural effusion.",
+    "right": "Findings: There is a moderate right pleural effusion. No pulmonary nodules. Normal heart size. "
+             "Impression: Right pleural effusion.",
+    "none": "Findings: No pleural effusion. No pulmonary nodules. Normal heart size. "
+            "Impression: No acute cardiopulmonary abnormality.",
+}
+
+
+@pytest.fixture(scope="module")
+def by_report(shipped):
+    """One seed, the three effusion reports, generated as `generate` does by default."""
+    return {name: shipped.generate(report, seed=0) for name, report in REPORTS.items()}
+
+
+def lung_ml(result) -> dict[str, float]:
     """Volume (mL) of each generated lung (the union of its lobe masks)."""
-    result = shipped.generate(report, seed=seed, stage2_steps=1)
     masks = standard_masks(result.masks)
     voxel_ml = float(np.prod(result.geometry.spacing)) / 1000
     return {side: float(masks[f"{side}_lung"].sum()) * voxel_ml for side in ("left", "right")}
 
 
-def test_the_report_decides_the_side_of_the_effusion(shipped):
+def test_the_report_decides_the_side_of_the_effusion(by_report):
     # A property the trained model learned: an effusion takes the room of the lung on the side the
     # report names (a text-blind model gives the same lungs for all three reports of one seed).
-    left = lung_ml(shipped, "Findings: Moderate left pleural effusion. No pulmonary nodules. Normal heart size. "
-                            "Impression: Left pleural effusion.")
-    right = lung_ml(shipped, "Findings: There is a moderate right pleural effusion. No pulmonary nodules. "
-                             "Normal heart size. Impression: Right pleural effusion.")
-    none = lung_ml(shipped, "Findings: No pleural effusion. No pulmonary nodules. Normal heart size. "
-                            "Impression: No acute cardiopulmonary abnormality.")
+    left, right, none = (lung_ml(by_report[name]) for name in ("left", "right", "none"))
     assert left["left"] < right["left"] - 100 and left["left"] < none["left"] - 100
     assert right["right"] < left["right"] - 100 and right["right"] < none["right"] - 100
+
+
+def test_a_left_effusion_report_puts_fluid_on_the_patients_left(by_report):
+    # Fluid-density tissue (the control evaluation's effusion detector: -30..25 HU behind the lung,
+    # touching it) on the patient's left, for the same seed: the asked finding is drawn, not only its room.
+    fluid = {name: detect_effusion(r.ct_hu, r.geometry.spacing, r.masks).details["volume_ml"]
+             for name, r in by_report.items()}
+    assert fluid["left"]["left"] > fluid["right"]["left"] + 50
+    assert fluid["left"]["left"] > fluid["none"]["left"] + 50

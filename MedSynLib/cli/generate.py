@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                         help="default: the model's (ddim_reference for converted reference models)")
     parser.add_argument("--stage2-consistency", type=LOWPASS_VOXELS, default=None, metavar="SIGMA",
-                        help="keep stage 1's CT below a Gaussian low-pass of SIGMA output voxels in stage 2 "
-                             "(0 = off; default: the model's)")
+                        help="keep stage 1's CT and lungs below a Gaussian low-pass of SIGMA output voxels in "
+                             "stage 2 (0 = off; default: the model's)")
     parser.add_argument("--anatomy", type=EXISTING_FILE, default=None,
                         help="label map (anatomy label values) or .seg.nrrd to generate a CT for; "
                              "the result is returned on its grid")

@@ -92,7 +92,8 @@ class LowFrequencyConsistency:
             self.mask_reference = gaussian_blur(interpolate_samples(low[:, self.tissue], factor), sigma)
             samples = F.interpolate(low, scale_factor=factor, mode="nearest")
             lung = _inside(samples, self.tissue)
-            self.reference = [_class_lowpass(samples[:, self.channels], member, sigma) for member in (lung, 1 - lung)]
+            self.class_references = [_class_lowpass(samples[:, self.channels], member, sigma)
+                                     for member in (lung, 1 - lung)]
         else:
             self.reference = gaussian_blur(interpolate_samples(low[:, self.channels], factor), sigma)
 
@@ -104,7 +105,7 @@ class LowFrequencyConsistency:
             corrected[:, self.tissue] = (masks + self.mask_reference - gaussian_blur(masks, self.sigma)).to(x0)
             lung = _inside(corrected, self.tissue)
             correction = torch.zeros_like(kept)
-            for member, (reference, reference_weight) in zip((lung, 1 - lung), self.reference):
+            for member, (reference, reference_weight) in zip((lung, 1 - lung), self.class_references):
                 own, own_weight = _class_lowpass(kept, member, self.sigma)
                 trusted = (reference_weight > MIN_TISSUE_WEIGHT) & (own_weight > MIN_TISSUE_WEIGHT)
                 correction += member * trusted * (reference - own)

@@ -76,7 +76,7 @@ class DiffusionConfig:
     time_spacing: str = "uniform"  # or "quadratic": the sampler's times (see samplers.Sampler.set_timesteps)
     guidance_scale: float = 1.0
     clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the reference does
-    # Stage 2: sigma (output voxels) of the low-pass its CT shares with stage 1's volume; 0 = off
+    # Stage 2: sigma (output voxels) of the low-pass its CT and lungs share with stage 1's volume; 0 = off
     # (diffusion.consistency.LowFrequencyConsistency).
     lowres_consistency: float = 0.0
 

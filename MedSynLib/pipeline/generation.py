@@ -177,8 +177,8 @@ class MedSynPipeline:
     ) -> GenerationResult:
         """Generate one CT and its anatomy.
 
-        stage2_consistency: sigma (output voxels) of the low-pass that stage 2's CT shares with
-            stage 1's (diffusion.consistency); 0 = off, None = the stage-2 config's.
+        stage2_consistency: sigma (output voxels) of the low-pass that stage 2's CT and lungs share
+            with stage 1's (diffusion.consistency); 0 = off, None = the stage-2 config's.
         anatomy: boolean masks on the output grid (stage-2 size cubed) that the result must keep;
             structures left out (or empty) are generated freely.
         geometry: physical grid of the output (default: the model's nominal spacing, centred).
